@@ -1,0 +1,211 @@
+"""The one typed config of the trainer.
+
+Loaded from YAML (``configs/default.yaml`` unless ``--config`` names another file), then dotted
+command-line overrides are applied (``rollout.group_size=4 cluster.reward_workers=2``), then the whole
+tree is validated by pydantic. A bad value fails at start with one message naming the field, e.g.
+``config error: rollout.group_size: Input should be greater than or equal to 2 (got 1)``.
+
+Every field carries its meaning in ``description``; ``python config.py`` prints them all as the table
+that README.md shows.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML or an override must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    policy_path: Optional[str] = Field(
+        None, description="Local HF directory of a Qwen2.5-VL policy (e.g. Qwen2.5-VL-7B-Instruct). "
+        "Empty: build the tiny embedded policy below into `train.output_dir/tiny_policy`.")
+    image_size: int = Field(
+        112, ge=28, description="Images are resized to image_size x image_size before the policy sees "
+        "them; answer coordinates live in that space (Seg-Zero: 840). Multiple of 28.")
+    tiny_hidden_size: int = Field(128, ge=64, description="Tiny policy: hidden size of the language model.")
+    tiny_layers: int = Field(2, ge=1, description="Tiny policy: number of decoder layers.")
+    tiny_heads: int = Field(2, ge=1, description="Tiny policy: attention heads (head_dim = hidden/heads must be 64 or more for vLLM CPU).")
+    tiny_vision_hidden_size: int = Field(64, ge=16, description="Tiny policy: hidden size of the vision tower.")
+    tiny_vision_layers: int = Field(1, ge=1, description="Tiny policy: depth of the vision tower.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype on learner and rollout: auto = bfloat16 on GPU, float32 on CPU.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.image_size % 28:
+            raise ValueError(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {self.image_size}")
+        if self.tiny_hidden_size % self.tiny_heads or self.tiny_hidden_size // self.tiny_heads < 64:
+            raise ValueError("tiny_hidden_size / tiny_heads must be an integer >= 64 (vLLM CPU attention)")
+        return self
+
+
+class DataConfig(Section):
+    train_path: Optional[str] = Field(
+        None, description="Parquet file or directory of training rows (schema in README). Empty: "
+        "generate the synthetic shapes dataset into `train.output_dir/data`.")
+    eval_path: Optional[str] = Field(None, description="Parquet of held-out rows for evaluation. Empty: synthetic.")
+    synthetic_train_size: int = Field(512, ge=1, description="Synthetic dataset: number of training rows.")
+    synthetic_eval_size: int = Field(64, ge=1, description="Synthetic dataset: number of held-out rows.")
+    synthetic_seed: int = Field(0, description="Synthetic dataset: generator seed (same seed, same bytes).")
+    shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(4, ge=1, description="Prompts sampled per training step (Seg-Zero: 16).")
+    group_size: int = Field(4, ge=2, description="Answers sampled per prompt, G (Seg-Zero: 8).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
+    max_model_len: int = Field(512, ge=64, description="vLLM context length (prompt + image tokens + response).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per rollout worker (GPU).")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = Field(True, description="Skip vLLM graph capture/compilation (faster start, slower decode).")
+
+
+class RewardConfig(Section):
+    rules: Literal["segzero", "segzero_soft", "multi_object"] = Field(
+        "segzero", description="Rule set: Seg-Zero strict answer format, soft format, or VisionReasoner multi-object.")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Per-term weights, e.g. {bbox_iou: 1.0, mask_iou: 2.0}; unnamed terms weigh 1.")
+    mask_iou: Literal["off", "continuous", "threshold", "tiered"] = Field(
+        "continuous", description="Mask-IoU term from the segmenter's mask: IoU itself, 1 if IoU > mask_threshold, or tiers (see README).")
+    mask_threshold: float = Field(0.5, ge=0, le=1, description="IoU threshold for mask_iou=threshold.")
+    segmenter: Literal["grabcut", "sam2"] = Field(
+        "grabcut", description="Mask source: SAM2 (production) or OpenCV GrabCut (weight-free, embedded default).")
+    sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="SAM2 Hydra config name (t/s/b+/l).")
+    sam2_checkpoint: Optional[str] = Field(None, description="Local SAM2 checkpoint (.pt). Required for segmenter=sam2 unless sam2_allow_random_weights.")
+    sam2_allow_random_weights: bool = Field(False, description="Tests only: build SAM2 with random weights when no checkpoint is given.")
+    embedding_cache_size: int = Field(64, ge=0, description="LRU cache of image embeddings per reward worker (entries).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.segmenter == "sam2" and not self.sam2_checkpoint and not self.sam2_allow_random_weights:
+            raise ValueError("segmenter=sam2 needs sam2_checkpoint=PATH (or sam2_allow_random_weights=true for tests)")
+        return self
+
+
+class LearnerConfig(Section):
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (Seg-Zero: 1e-6).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: ratio >= 1 - clip_low.")
+    clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above: ratio <= 1 + clip_high (clip-higher when > clip_low).")
+    kl_coef: float = Field(5e-3, ge=0, description="KL-to-reference coefficient (0 skips the reference model).")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (Seg-Zero: 1e-3).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="Loss aggregation (see learner/grpo.py).")
+    adv_scale: Literal["std", "none"] = Field("std", description="Group advantage scaling: std (GRPO) or none (Dr. GRPO).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    freeze_vision: bool = Field(False, description="Train (and sync) only the language model.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, ge=1, description="GRPO steps.")
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    output_dir: str = Field("runs/default", description="Where the tiny policy, data, checkpoints and plots go.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+
+
+class ResourcesConfig(Section):
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per actor (fractions allowed).")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads inside the actor.")
+
+
+class ClusterConfig(Section):
+    address: Optional[str] = Field(
+        None, description="Ray address. Empty: join the cluster the job was submitted to, else start a local one.")
+    rollout_workers: int = Field(1, ge=1, description="Number of vLLM rollout actors.")
+    reward_workers: int = Field(1, ge=1, description="Number of reward (segmenter) actors.")
+    learner_ranks: int = Field(1, ge=1, description="Number of DeepSpeed learner ranks (one actor each).")
+    rollout: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per rollout actor.")
+    reward: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per reward actor.")
+    learner: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per learner rank.")
+    call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
+    startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
+    sync_timeout_s: float = Field(300.0, gt=0, description="Timeout of one weight sync to all rollout workers.")
+
+
+class TrackingConfig(Section):
+    mlflow_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.")
+    experiment: str = Field("seg-grpo", description="MLflow experiment name.")
+    run_name: Optional[str] = Field(None, description="MLflow run name (default: generated).")
+    log_model: bool = Field(True, description="Log the final policy (HF directory) as an MLflow artifact.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (default configs/default.yaml) + dotted overrides -> validated Config."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config error: --config: file not found: {path}")
+    try:
+        tree = OmegaConf.load(path)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"config error: override {bad[0]!r} must look like section.field=value")
+        tree = OmegaConf.merge(tree, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(tree, resolve=True) or {}
+    except ConfigError:
+        raise
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"config error: {path}: {exc}") from exc
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"config error: {field}: {err['msg']}{got}") from None
+
+
+def field_table(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every leaf field: the README's config table."""
+    rows = []
+    for name, f in model.model_fields.items():
+        sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        if sub is not None:
+            rows += field_table(sub, f"{prefix}{name}.")
+        else:
+            default = f.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", "" if default is None else repr(default), f.description or ""))
+    return rows
+
+
+if __name__ == "__main__":
+    print("| field | default | meaning |\n|---|---|---|")
+    for name, default, desc in field_table():
+        print(f"| `{name}` | `{default}` | {desc} |")
+    sys.exit(0)

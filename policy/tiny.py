@@ -1,0 +1,115 @@
+"""Builds the tiny embedded Qwen2.5-VL policy: a real HF directory that vLLM and transformers load.
+
+Nothing is downloaded: the tokenizer is byte-level (every UTF-8 byte is a token, so any text round-trips)
+with Qwen's special tokens, plus whole-number tokens 0..1023 and the Seg-Zero tags as single tokens, so
+a coordinate is one token and the tiny model can learn positions as a classification. The weights are
+random (seeded); the warm start (train.sft_steps) teaches the answer format.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+SEGZERO_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+NUMBER_TOKENS = [str(i) for i in range(1024)]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' or 'image' in c %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    tok.add_tokens(SEGZERO_TAGS + NUMBER_TOKENS)
+    return tok
+
+
+def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size: int = 128,
+                      layers: int = 2, heads: int = 2, vision_hidden_size: int = 64,
+                      vision_layers: int = 1, seed: int = 0) -> Path:
+    """Writes config, random weights (safetensors), tokenizer, processor and chat template to out_dir.
+
+    Idempotent: an existing complete directory built with the same settings is reused.
+    """
+    import torch
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    out = Path(out_dir)
+    settings = dict(image_size=image_size, hidden_size=hidden_size, layers=layers, heads=heads,
+                    vision_hidden_size=vision_hidden_size, vision_layers=vision_layers, seed=seed)
+    marker = out / "tiny_policy.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings and (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    backend = _byte_level_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=32768, clean_up_tokenization_spaces=False)
+    ids = {t: backend.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab_size = (backend.get_vocab_size() + 63) // 64 * 64
+    head_dim = hidden_size // heads
+    # mrope splits head_dim/2 rotary frequencies over (time, height, width); Qwen uses 1:1.5:1.5.
+    half = head_dim // 2
+    hw = (half * 3 // 8)
+    mrope_section = [half - 2 * hw, hw, hw]
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=vision_layers, hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
+            num_heads=1, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_layers - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out, safe_serialization=True)
+
+    pixels = image_size * image_size  # min = max: the processor never resizes our pre-resized images
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    marker.write_text(json.dumps(settings))
+    return out
