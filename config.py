@@ -141,6 +141,7 @@ class ClusterConfig(Section):
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
     sync_timeout_s: float = Field(300.0, gt=0, description="Timeout of one weight sync to all rollout workers.")
+    sync_bucket_mb: int = Field(64, ge=1, description="Weight sync bucket size in MiB (tensors sent per transfer).")
 
 
 class TrackingConfig(Section):
@@ -149,6 +150,7 @@ class TrackingConfig(Section):
     experiment: str = Field("seg-grpo", description="MLflow experiment name.")
     run_name: Optional[str] = Field(None, description="MLflow run name (default: generated).")
     log_model: bool = Field(True, description="Log the final policy (HF directory) as an MLflow artifact.")
+    system_metrics: bool = Field(True, description="Log MLflow system metrics (CPU, memory, GPU) of the driver's node.")
 
 
 class Config(Section):
@@ -188,7 +190,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        raise ConfigError(f"config error: {field}: {err['msg']}{got}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config error: {field}: {msg}{got}") from None
 
 
 def field_table(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

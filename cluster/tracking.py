@@ -1,0 +1,55 @@
+"""MLflow for the driver: where runs go, the config as params, resuming the same run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+
+from config import Config
+
+
+def tracking_uri(cfg: Config) -> str:
+    """tracking.mlflow_uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the output dir.
+
+    (MLflow 3's plain file store is deprecated and raises; sqlite is the embedded default.)
+    """
+    if cfg.tracking.mlflow_uri:
+        return cfg.tracking.mlflow_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    out = Path(cfg.train.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def start_run(cfg: Config, run_id: str | None = None) -> mlflow.ActiveRun:
+    """Open (or, with run_id, reopen) the job's MLflow run; a new run gets the config as params."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    name = cfg.tracking.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = Path(cfg.train.output_dir).resolve() / "mlartifacts"
+        uri = mlflow.get_tracking_uri()
+        # Local stores keep artifacts next to the run outputs; remote servers choose their own.
+        mlflow.create_experiment(name, artifact_location=artifacts.as_uri() if uri.startswith("sqlite") else None)
+    mlflow.set_experiment(name)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.tracking.run_name,
+                           log_system_metrics=cfg.tracking.system_metrics)
+    if run_id is None:
+        mlflow.log_params(config_params(cfg))
+    return run
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The config flattened to dotted names (MLflow params are flat strings of <= 6000 chars)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = str(value)[:6000]
+
+    walk("", cfg.model_dump())
+    return flat

@@ -1,0 +1,53 @@
+"""Weight sync: after each learner step, rank 0's weights reach every rollout actor, bucket by bucket.
+
+CPU path (and any single-node job): rank 0 yields buckets of HF-named tensors (under ZeRO-3 all ranks
+take part in gathering each bucket); every bucket is put in Ray's object store once and loaded by every
+rollout worker; then each worker resets its caches and reports the new version, which is checked.
+The GPU path (NCCL broadcast from rank 0 into the vLLM workers) is in rollout/vllm_extension.py.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+def broadcast_weights(learners: list, workers: list, version: int, bucket_bytes: int, timeout_s: float) -> dict:
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise TimeoutError(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
+                               "(cluster.sync_timeout_s)")
+        return left_s
+
+    streams = [learner.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for learner in learners]
+    loads = []  # per bucket: one load per worker, each returning the bytes it loaded
+    for bucket_ref in _refs(streams[0], left):
+        loads.append([w.load_weights.remote(bucket_ref) for w in workers])
+    for other in streams[1:]:  # ranks > 0 only helped gather; drain their (empty) streams
+        for ref in _refs(other, left):
+            ray.get(ref, timeout=left())
+    loaded = [ray.get(refs, timeout=left()) for refs in loads]
+    n_bytes = sum(per_worker[0] for per_worker in loaded)
+    versions = ray.get([w.commit_weights.remote(version) for w in workers], timeout=left())
+    bad = [i for i, v in enumerate(versions) if v != version]
+    if bad:
+        raise RuntimeError(f"weight sync: rollout workers {bad} report versions {[versions[i] for i in bad]}, expected {version}")
+    dt = time.perf_counter() - t0
+    return {"time/sync": dt, "sync/bytes": n_bytes, "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9}
+
+
+def _refs(stream, left):
+    """Object refs of a streaming actor generator, each waited for with the sync's remaining time."""
+    while True:
+        ready, _ = ray.wait([stream], timeout=left())
+        if not ready:
+            left()  # raises the timeout error when the deadline has passed
+            continue
+        try:
+            yield next(stream)
+        except StopIteration:
+            return

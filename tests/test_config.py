@@ -1,0 +1,51 @@
+import subprocess
+import sys
+
+import pytest
+
+from config import REPO, ConfigError, field_table, load_config
+
+
+def test_default_and_cluster_configs_validate():
+    default = load_config()
+    assert default.rollout.group_size >= 2 and default.reward.segmenter == "grabcut"
+    for name in ("segzero_7b.yaml", "segzero_3b.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size) == (16, 8)
+        assert cfg.learner.lr == 1e-6 and cfg.learner.kl_kind == "k3" and cfg.learner.kl_coef == 5e-3
+        assert cfg.model.image_size == 840 and cfg.reward.segmenter == "sam2"
+
+
+def test_dotted_overrides_apply_with_types():
+    cfg = load_config(None, ["rollout.group_size=8", "cluster.reward_workers=2", "learner.lr=3e-6",
+                             "cluster.reward.num_gpus=0.25"])
+    assert cfg.rollout.group_size == 8 and cfg.cluster.reward_workers == 2
+    assert cfg.learner.lr == 3e-6 and cfg.cluster.reward.num_gpus == 0.25
+
+
+@pytest.mark.parametrize("override, field", [
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("rollout.grop_size=4", "rollout.grop_size"),
+    ("learner.zero_stage=1", "learner.zero_stage"),
+    ("reward.rules=fancy", "reward.rules"),
+    ("model.image_size=100", "model"),
+    ("reward.segmenter=sam2", "sam2_checkpoint"),
+    ("cluster.learner.num_cpus=-1", "cluster.learner.num_cpus"),
+])
+def test_bad_value_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field in str(err.value)
+
+
+def test_launch_rejects_bad_config_before_starting_anything():
+    proc = subprocess.run([sys.executable, "launch.py", "rollout.temperature=-1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "rollout.temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_field_is_documented():
+    rows = field_table()
+    assert len(rows) > 40
+    assert [name for name, _, desc in rows if not desc] == []
