@@ -1,0 +1,182 @@
+"""Synthetic reasoning-segmentation set: coloured shapes on a plain or lightly noisy background.
+
+Each image holds 2-4 shapes (circle, square, triangle) in distinct cells of a coarse grid (default: one
+cell per 28-px merged patch of the policy, so a shape's position is one patch token). Each query picks
+out exactly one shape, and needs a little reasoning:
+
+    colour_shape  "the red circle"                 colour    "the blue shape"
+    shape         "the triangle"                   relation  "the shape left of the green square"
+    extreme       "the topmost shape"              size      "the largest shape"
+
+Every candidate query is checked against the scene (``matching_shapes``) and only used when exactly one
+shape satisfies it. Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
+bbox and points come from the mask (data/masks.py). The same seed gives the same bytes; row i depends
+only on (seed, i), so a larger n extends a smaller one and another seed gives a disjoint set.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.masks import bbox_from_mask, encode_rle, points_from_mask
+from data.schema import write_rows
+from data.segzero import reference_answer  # noqa: F401  (documented entry point for the warm start)
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (230, 200, 30), "purple": (150, 60, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+KINDS = ("colour_shape", "colour", "shape", "relation", "extreme", "size")
+DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+EXTREMES = {"leftmost": (-1, 0), "rightmost": (1, 0), "topmost": (0, -1), "bottommost": (0, 1)}
+SIZE_MARGIN = 1.2  # "largest"/"smallest" only when the area beats every other shape's by this factor
+
+
+def shape_mask(kind: str, cx: int, cy: int, half: int, size: int) -> np.ndarray:
+    """Exact pixel mask of one shape of half-extent ``half`` centred at (cx, cy)."""
+    y, x = np.mgrid[0:size, 0:size]
+    if kind == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
+    if kind == "square":
+        return (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    # upward isosceles triangle: apex (cx, cy - half), base y = cy + half from cx - half to cx + half
+    return (y <= cy + half) & (2 * np.abs(x - cx) <= y - (cy - half))
+
+
+def matching_shapes(query: dict, shapes: list[dict]) -> list[int]:
+    """Indices of the shapes that satisfy ``query`` (a dict with "kind" and its arguments)."""
+    kind = query["kind"]
+    if kind == "colour_shape":
+        return [i for i, s in enumerate(shapes) if (s["colour"], s["shape"]) == (query["colour"], query["shape"])]
+    if kind == "colour":
+        return [i for i, s in enumerate(shapes) if s["colour"] == query["colour"]]
+    if kind == "shape":
+        return [i for i, s in enumerate(shapes) if s["shape"] == query["shape"]]
+    if kind == "relation":
+        refs = matching_shapes({"kind": "colour_shape", "colour": query["colour"], "shape": query["shape"]}, shapes)
+        if len(refs) != 1:
+            return []  # the reference itself must be unambiguous
+        ref, (dx, dy) = shapes[refs[0]], DIRECTIONS[query["direction"]]
+        # strictly in another grid column (row) on that side
+        return [i for i, s in enumerate(shapes) if (s["col"] - ref["col"]) * dx + (s["row"] - ref["row"]) * dy > 0]
+    if kind == "extreme":
+        dx, dy = EXTREMES[query["which"]]
+        key = [s["col"] * dx + s["row"] * dy for s in shapes]
+        return [i for i, k in enumerate(key) if k == max(key)]
+    if kind == "size":
+        # every shape not clearly (by SIZE_MARGIN in area) smaller/larger than the extreme one matches
+        areas = [s["area"] for s in shapes]
+        if query["which"] == "largest":
+            return [i for i, a in enumerate(areas) if a * SIZE_MARGIN > max(areas)]
+        return [i for i, a in enumerate(areas) if a < min(areas) * SIZE_MARGIN]
+    raise ValueError(f"unknown query kind {kind!r}")
+
+
+def query_text(query: dict) -> str:
+    kind = query["kind"]
+    if kind == "colour_shape":
+        return f"the {query['colour']} {query['shape']}"
+    if kind == "colour":
+        return f"the {query['colour']} shape"
+    if kind == "shape":
+        return f"the {query['shape']}"
+    if kind == "relation":
+        return f"the shape {query['direction']} the {query['colour']} {query['shape']}"
+    return f"the {query['which']} shape"  # extreme, size
+
+
+def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
+    """All queries of the allowed kinds that single out exactly one shape, grouped by kind."""
+    qs = {k: [] for k in kinds}
+    for s in shapes:
+        qs.get("colour_shape", []).append({"kind": "colour_shape", "colour": s["colour"], "shape": s["shape"]})
+        qs.get("colour", []).append({"kind": "colour", "colour": s["colour"]})
+        qs.get("shape", []).append({"kind": "shape", "shape": s["shape"]})
+        for d in DIRECTIONS:
+            qs.get("relation", []).append({"kind": "relation", "direction": d, "colour": s["colour"], "shape": s["shape"]})
+    for w in EXTREMES:
+        qs.get("extreme", []).append({"kind": "extreme", "which": w})
+    for w in ("largest", "smallest"):
+        qs.get("size", []).append({"kind": "size", "which": w})
+    unique = {}
+    for k, lst in qs.items():
+        seen, keep = set(), []
+        for q in lst:
+            key = tuple(sorted(q.items()))
+            if key not in seen and len(matching_shapes(q, shapes)) == 1:
+                seen.add(key)
+                keep.append(q)
+        if keep:
+            unique[k] = keep
+    return unique
+
+
+def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int,
+               size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float):
+    """Draws one image; returns (RGB uint8 array, shapes with their masks)."""
+    cell = image_size / grid
+    bg = int(rng.integers(200, 246))
+    image = np.full((image_size, image_size, 3), bg, dtype=np.float64)
+    if rng.random() < noise:
+        image += rng.normal(0.0, 6.0, size=image.shape)
+    n = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
+    cells = rng.choice(grid * grid, size=n, replace=False)
+    shapes = []
+    for c in cells:
+        row, col = divmod(int(c), grid)
+        half = int(rng.integers(size_range[0], size_range[1] + 1))
+        room = max(int(cell / 2) - 1 - half, 0)  # keep the shape inside its cell
+        j = min(jitter, room)
+        cx = int((col + 0.5) * cell) + (int(rng.integers(-j, j + 1)) if j else 0)
+        cy = int((row + 0.5) * cell) + (int(rng.integers(-j, j + 1)) if j else 0)
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        mask = shape_mask(kind, cx, cy, half, image_size)
+        image[mask] = COLOURS[colour]
+        shapes.append({"shape": kind, "colour": colour, "row": row, "col": col, "mask": mask,
+                       "area": int(mask.sum())})
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), shapes
+
+
+def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
+                  jitter: int = 0, size_range: tuple[int, int] = (6, 12), num_shapes: tuple[int, int] = (2, 4),
+                  noise: float = 0.5, kinds=KINDS) -> dict:
+    """Row ``index`` of the synthetic set (DESIGN §4 schema plus ``reasoning`` and ``kind``).
+
+    grid: cells per side (default image_size // 28, one cell per merged patch); jitter: max offset in
+    px of a shape's centre from its cell centre; size_range: half-extent of shapes in px; noise:
+    probability of Gaussian (std 6) background noise; kinds: query kinds to draw from (uniformly).
+    """
+    grid = grid or max(image_size // 28, 2)
+    if grid * grid < num_shapes[1]:
+        raise ValueError(f"a {grid}x{grid} grid cannot hold {num_shapes[1]} shapes")
+    rng = np.random.default_rng([seed, index])
+    while True:  # resample the scene until some allowed query is unambiguous (almost always the first)
+        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise)
+        candidates = candidate_queries(shapes, kinds)
+        if candidates:
+            break
+    kind = sorted(candidates)[int(rng.integers(len(candidates)))]
+    query = candidates[kind][int(rng.integers(len(candidates[kind])))]
+    target = shapes[matching_shapes(query, shapes)[0]]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return {
+        "id": f"synthetic-{seed}-{index:06d}", "image": buf.getvalue(),
+        "height": image_size, "width": image_size, "problem": query_text(query),
+        "mask": encode_rle(target["mask"]), "bbox": bbox_from_mask(target["mask"]),
+        "points": points_from_mask(target["mask"]), "source": "synthetic",
+        "reasoning": f"{target['colour']} {target['shape']}", "kind": kind,
+    }
+
+
+def write_synthetic(path: str | Path, n: int, image_size: int = 112, seed: int = 0, **options) -> Path:
+    """Writes n synthetic rows to a Parquet file (``options`` as in synthetic_row); returns the path."""
+    if image_size % 28:
+        raise ValueError(f"image_size must be a multiple of 28, got {image_size}")
+    rows = (synthetic_row(i, image_size, seed, **options) for i in range(n))
+    return write_rows(path, rows, extra=("reasoning", "kind"))
