@@ -12,9 +12,12 @@ from data.dataset import Sample
 
 def reward_group(sample: Sample, rollout: dict, model_size: int) -> dict:
     """The group dict the reward workers score (original-space image and mask, model-space solution)."""
-    buf = io.BytesIO()
-    sample.image.save(buf, format="PNG")
-    return {"sample_id": sample.id, "image": buf.getvalue(), "height": sample.height,
+    image = sample.image_bytes
+    if not image:
+        buf = io.BytesIO()
+        sample.image.save(buf, format="PNG")
+        image = buf.getvalue()
+    return {"sample_id": sample.id, "image": image, "height": sample.height,
             "width": sample.width, "model_size": model_size, "solution": sample.solution(model_size),
             "mask": sample.mask_rle, "responses": [r["text"] for r in rollout["responses"]]}
 
