@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics (gIoU, cIoU) under named conventions."""
