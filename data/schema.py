@@ -34,6 +34,7 @@ EXTRA_FIELDS = {
     "objects": pa.field("objects", pa.string()),             # multi-object JSON [{"bbox_2d","point_2d"}]
     "orig_height": pa.field("orig_height", pa.int32()),      # original size when the image is resized
     "orig_width": pa.field("orig_width", pa.int32()),
+    "is_sentence": pa.field("is_sentence", pa.bool_()),      # ReasonSeg: long query vs short phrase
 }
 
 
