@@ -1,0 +1,171 @@
+"""RewardPool: N Ray actors of reward.worker.RewardWorker scoring groups as soon as they are submitted.
+
+    pool = RewardPool(cfg.reward, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=600)
+    pool.submit(sample_id, group)          # dispatched at once to the least-loaded actor
+    rewards = pool.collect(sample_ids)     # {sample_id: [per-response dict]}, every group exactly once
+
+Fault handling: an actor that dies (ray.kill, node loss, OOM) or makes no progress for
+`call_timeout_s` (hung: its queue's head has run that long) is killed and replaced by a fresh actor,
+and every group it still held is dispatched again. Results are keyed by group, and only the
+reference of a group's latest dispatch counts, so each group appears in the result exactly once.
+A group that fails `max_attempts` dispatches, or whose scoring raises inside the worker (a malformed
+group, which a retry would not fix), raises a RuntimeError naming it.
+Actors are started with max_restarts=-1 and max_task_retries=1: a crashed process is restarted by
+Ray and its queued calls retried there; ray.kill(..., no_restart=True) surfaces as ActorDiedError.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from reward.worker import RewardWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Worker:
+    actor: object
+    inflight: dict = field(default_factory=dict)  # ObjectRef -> group key, in dispatch order
+    last_progress: float = 0.0  # when its queue head started (last completion, or going busy)
+    groups: int = 0
+    samples: int = 0
+
+
+class RewardPool:
+    def __init__(self, cfg, num_workers: int, resources: dict, call_timeout_s: float = 600.0,
+                 max_attempts: int = 3):
+        """cfg: config.RewardConfig; resources: {"num_cpus": float, "num_gpus": float} per actor."""
+        self.cfg = cfg
+        self.call_timeout_s = call_timeout_s
+        self.max_attempts = max_attempts
+        num_gpus = float(resources.get("num_gpus", 0))
+        self._actor_class = ray.remote(RewardWorker).options(
+            num_cpus=float(resources.get("num_cpus", 1)), num_gpus=num_gpus,
+            max_restarts=-1, max_task_retries=1)
+        self._device = "cuda" if num_gpus > 0 else "cpu"
+        self.workers: list[_Worker] = [self._start() for _ in range(num_workers)]
+        self._groups: dict = {}  # key -> group, until collected
+        self._attempts: dict = {}
+        self._results: dict = {}  # key -> scores, until collected
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+
+    def _start(self) -> _Worker:
+        return _Worker(self._actor_class.remote(self.cfg, self._device))
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def submit(self, key, group: dict) -> None:
+        """Start scoring `group` now on the least-loaded actor."""
+        if key in self._groups:
+            raise KeyError(f"group {key!r} was already submitted and not yet collected")
+        self._groups[key] = group
+        self._attempts[key] = 0
+        self._dispatch(key)
+
+    def _dispatch(self, key) -> None:
+        self._attempts[key] += 1
+        if self._attempts[key] > self.max_attempts:
+            raise RuntimeError(f"reward group {key!r} failed {self.max_attempts} dispatches (workers died or hung)")
+        worker = min(self.workers, key=lambda w: len(w.inflight))
+        now = time.monotonic()
+        if not worker.inflight:
+            worker.last_progress = now
+        self._t_first = self._t_first or now
+        worker.inflight[worker.actor.score_group.remote(self._groups[key])] = key
+
+    # -- collection -----------------------------------------------------------------------------
+    def collect(self, keys) -> dict:
+        """Wait until every group in `keys` is scored; returns {key: [per-response dict]}."""
+        keys = list(keys)
+        unknown = [k for k in keys if k not in self._groups]
+        if unknown:
+            raise KeyError(f"groups never submitted (or already collected): {unknown[:5]}")
+        while any(k not in self._results for k in keys):
+            refs = [ref for w in self.workers for ref in w.inflight]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, self.call_timeout_s))
+            for ref in ready:
+                self._finish(ref)
+            self._replace_hung()
+        out = {k: self._results.pop(k) for k in keys}
+        for k in keys:
+            del self._groups[k], self._attempts[k]
+        return out
+
+    def _owner(self, ref) -> _Worker | None:
+        return next((w for w in self.workers if ref in w.inflight), None)
+
+    def _finish(self, ref) -> None:
+        worker = self._owner(ref)
+        if worker is None:  # its actor was replaced while this result was in flight: already re-dispatched
+            return
+        try:
+            scores = ray.get(ref)
+        except RayTaskError as exc:
+            raise RuntimeError(f"scoring group {worker.inflight[ref]!r} raised inside the reward worker") from exc
+        except RayActorError as exc:
+            logger.warning("reward actor died (%s); replacing it and re-scoring its %d groups",
+                           type(exc).__name__, len(worker.inflight))
+            self._replace(worker)
+            return
+        key = worker.inflight.pop(ref)
+        worker.last_progress = self._t_last = time.monotonic()
+        worker.groups += 1
+        worker.samples += len(scores)
+        self._results[key] = scores
+
+    def _replace_hung(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers):
+            if worker.inflight and now - worker.last_progress > self.call_timeout_s:
+                logger.warning("reward actor made no progress for %.0f s (cluster.call_timeout_s); replacing "
+                               "it and re-scoring its %d groups", now - worker.last_progress, len(worker.inflight))
+                self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        ray.kill(worker.actor, no_restart=True)
+        fresh = self._start()
+        fresh.groups, fresh.samples = worker.groups, worker.samples  # the slot keeps its history
+        self.workers[self.workers.index(worker)] = fresh
+        for key in worker.inflight.values():
+            self._dispatch(key)
+
+    # -- scaling and metrics --------------------------------------------------------------------
+    def resize(self, num_workers: int) -> None:
+        """Grow or shrink to `num_workers` actors (between steps; groups held by removed actors move)."""
+        if num_workers < 1:
+            raise ValueError("a reward pool needs at least one worker")
+        while len(self.workers) < num_workers:
+            self.workers.append(self._start())
+        while len(self.workers) > num_workers:
+            worker = min(self.workers, key=lambda w: len(w.inflight))
+            self.workers.remove(worker)
+            ray.kill(worker.actor, no_restart=True)
+            for key in worker.inflight.values():
+                self._attempts[key] -= 1  # a move, not a failure
+                self._dispatch(key)
+
+    def stats(self, reset: bool = False) -> dict:
+        """Per-worker groups/samples scored and in flight; pool throughput in samples/s since the first
+        dispatch (or the last reset) to the last completion."""
+        elapsed = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
+        rate = lambda n: n / elapsed if elapsed > 0 else 0.0  # noqa: E731
+        samples = sum(w.samples for w in self.workers)
+        out = {"num_workers": len(self.workers), "groups": sum(w.groups for w in self.workers),
+               "samples": samples, "samples_per_s": rate(samples),
+               "workers": [{"groups": w.groups, "samples": w.samples, "samples_per_s": rate(w.samples),
+                            "inflight": len(w.inflight)} for w in self.workers]}
+        if reset:
+            for w in self.workers:
+                w.groups = w.samples = 0
+            self._t_first = self._t_last = None
+        return out
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker.actor, no_restart=True)
+        self.workers = []

@@ -1,0 +1,121 @@
+"""RewardPool on a real local Ray: streaming submit/collect, an actor killed or hung mid-step, resizing."""
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+ray = pytest.importorskip("ray")
+
+from cluster.reward_pool import RewardPool  # noqa: E402
+from config import RewardConfig  # noqa: E402
+from reward.worker import RewardWorker  # noqa: E402
+
+CFG = RewardConfig()  # GrabCut segmenter, continuous mask IoU
+G = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def group(i, size=(240, 320)):
+    """A red square on grey, its mask, and G answers around it (GrabCut work grows with the image)."""
+    h, w = size
+    rng = np.random.default_rng(i)
+    image = np.clip(rng.normal(225, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+    y, x = 20 + 10 * (i % 5), 30 + 12 * (i % 7)
+    gt = np.zeros((h, w), bool)
+    gt[y:y + h // 3, x:x + w // 3] = True
+    image[gt] = (200, 30, 40)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    rle = mask_utils.encode(np.asfortranarray(gt.astype(np.uint8)))
+    s = 112 / w, 112 / h
+    box = [round(x * s[0]), round(y * s[1]), round((x + w // 3) * s[0]), round((y + h // 3) * s[1])]
+    pts = [[(box[0] + box[2]) // 2, (box[1] + box[3]) // 2]] * 2
+    responses = ["<think>red</think><answer>" + json.dumps(
+        {"bbox": [v + j for v in box], "points_1": pts[0], "points_2": pts[1]}) + "</answer>" for j in range(G - 1)]
+    return {"sample_id": f"s{i}", "image": png.getvalue(), "height": h, "width": w, "model_size": 112,
+            "solution": f"<box>({box[0]},{box[1]}),({box[2]},{box[3]})</box><points>({pts[0][0]},{pts[0][1]}),({pts[1][0]},{pts[1][1]})</points>",
+            "mask": {"size": rle["size"], "counts": rle["counts"].decode()}, "responses": responses + ["no idea"]}
+
+
+@pytest.fixture(scope="module")
+def groups():
+    gs = {f"s{i}": group(i) for i in range(8)}
+    local = RewardWorker(CFG)
+    return gs, {k: local.score_group(g) for k, g in gs.items()}
+
+
+def test_streaming_submit_and_collect(groups):
+    gs, expected = groups
+    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    for key, g in gs.items():
+        pool.submit(key, g)
+    assert [len(w.inflight) for w in pool.workers] == [4, 4]  # least-loaded dispatch
+    assert pool.collect(gs) == expected
+    stats = pool.stats()
+    assert stats["groups"] == 8 and stats["samples"] == 8 * G and stats["samples_per_s"] > 0
+    assert [w["groups"] for w in stats["workers"]] == [4, 4]
+    with pytest.raises(KeyError):
+        pool.collect(["s0"])  # already collected
+    pool.shutdown()
+
+
+def test_killed_actor_mid_step_every_group_scored_once(groups, caplog):
+    gs, expected = groups
+    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    for key, g in gs.items():
+        pool.submit(key, g)
+    victim = pool.workers[0]
+    refs = list(victim.inflight)
+    ray.get(refs[0])  # the victim has scored a group of this step...
+    _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0)
+    assert unfinished  # ...and is still working on others
+    ray.kill(victim.actor)
+    with caplog.at_level("WARNING", logger="cluster.reward_pool"):
+        result = pool.collect(list(gs))
+    assert result == expected  # every key, once, with the right scores
+    assert "reward actor died" in caplog.text
+    assert pool.workers[0] is not victim
+    assert pool.stats()["groups"] == 8  # counted once each, re-scored ones included
+    pool.shutdown()
+
+
+def test_hung_actor_is_replaced_after_the_call_timeout(groups):
+    gs, expected = groups
+    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=5)
+    hung = pool.workers[0]
+    hung.actor.__ray_call__.remote(lambda self: time.sleep(3600))  # blocks the actor's queue
+    keys = list(gs)[:4]
+    for key in keys:
+        pool.submit(key, gs[key])
+    assert len(hung.inflight) == 2
+    assert pool.collect(keys) == {k: expected[k] for k in keys}
+    assert hung not in pool.workers
+    pool.shutdown()
+
+
+def test_resize_between_steps_and_bad_group(groups):
+    gs, expected = groups
+    pool = RewardPool(CFG, num_workers=1, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    pool.resize(3)
+    for key in ["s0", "s1", "s2"]:
+        pool.submit(key, gs[key])
+    assert [len(w.inflight) for w in pool.workers] == [1, 1, 1]
+    assert pool.collect(["s0", "s1", "s2"]) == {k: expected[k] for k in ["s0", "s1", "s2"]}
+    pool.resize(1)
+    pool.submit("s3", gs["s3"])
+    assert pool.collect(["s3"]) == {"s3": expected["s3"]}
+    assert pool.stats()["num_workers"] == 1
+    pool.submit("bad", {"sample_id": "bad"})  # no responses: a malformed group is an error, not a retry
+    with pytest.raises(RuntimeError, match="bad"):
+        pool.collect(["bad"])
+    pool.shutdown()
