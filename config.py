@@ -114,6 +114,11 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     freeze_vision: bool = Field(False, description="Train (and sync) only the language model.")
+    clip_ratio_c: Optional[float] = Field(
+        None, gt=1, description="Dual-clip bound c (> 1): for negative advantages the token loss is capped at -A*c. Empty: off.")
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
+        "being partitioned (DeepSpeed stage3_param_persistence_threshold); 0 partitions all.")
 
 
 class TrainConfig(Section):

@@ -1,0 +1,371 @@
+"""One learner rank: Qwen2.5-VL policy in a DeepSpeed ZeRO-2/3 engine, GRPO and SFT steps, weight export.
+
+R ranks are R processes (Ray actors in cluster/, plain processes in tests), each building
+``Learner(cfg, policy_path, rank, world_size, master_addr, master_port)``. Every public method except
+``rng_state``/``set_rng_state`` is collective: all ranks call it at the same time (each with its own
+shard of the batch). Ranks may hold shards of different sizes, even empty ones: the number of
+micro-batches is agreed over ranks and short ranks run zero-weight padding micro-batches, because
+ZeRO reduces (stage 2) and gathers (stage 3) parameters once per forward/backward on every rank.
+
+Normalisation: the driver passes the WHOLE batch's ``num_tokens`` / ``num_seqs`` to every rank. Each
+micro-batch loss is its partial sum over that global count (learner.grpo), so the micro-batch losses
+of all ranks add up to the whole-batch loss. DeepSpeed averages gradients over ranks, so each rank
+back-propagates ``world_size * loss``: mean_r(world_size * grad_r) = sum_r grad_r = whole-batch grad.
+
+Metrics are reduced inside (all-reduce), so every rank returns the same whole-batch numbers.
+
+Reference model (KL): not built when kl_coef == 0. ZeRO-2 keeps a plain frozen copy on every rank
+(ZeRO-2 holds the full policy anyway); ZeRO-3 wraps it in a DeepSpeed engine without optimizer so the
+reference is partitioned like the policy and gathered layer by layer in its forward.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks one
+import deepspeed  # noqa: E402
+from deepspeed.runtime.zero import GatheredParameters  # noqa: E402
+
+from config import Config  # noqa: E402
+from learner.batch import collate, model_inputs, token_logprobs  # noqa: E402
+from learner.grpo import policy_loss  # noqa: E402
+from learner.weights import checkpoint_names, param_bytes, plan_buckets, write_index, write_shard  # noqa: E402
+from policy.prompt import chat_prompt  # noqa: E402
+
+log = logging.getLogger(__name__)
+EXPORT_SHARD_BYTES = 2 * 1024**3
+
+
+def deepspeed_config(cfg: Config, bf16: bool, with_optimizer: bool = True) -> dict:
+    """The DeepSpeed config of the policy engine (with_optimizer=False: the ZeRO-3 reference)."""
+    lc = cfg.learner
+    zero = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = lc.zero3_param_persistence_threshold
+    ds = {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    if with_optimizer:
+        ds.update({
+            # We own the accumulation boundary: any number of backward() calls, then one step().
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": lc.grad_clip,
+            # torch's AdamW (foreach/fused on GPU): no DeepSpeed op compilation on any machine.
+            "optimizer": {"type": "AdamW", "params": {"lr": lc.lr, "weight_decay": lc.weight_decay,
+                                                      "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        })
+    return ds
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: lr_step = lr * min(1, (step + 1) / warmup_steps); step counts optimizer steps from 0."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class _ZeroConfigForHF:
+    """What transformers reads from its DeepSpeed config object while loading (is_zero3(), .config).
+
+    transformers' own HfDeepSpeedConfig only adds a hard dependency on `accelerate`, not installed here.
+    """
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return self.config["zero_optimization"]["stage"] == 3
+
+
+class Learner:
+    def __init__(self, cfg: Config, policy_path: str, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        self.cfg, self.policy_path = cfg, str(policy_path)
+        self.rank, self.world_size = rank, world_size
+        on_gpu = torch.cuda.is_available()
+        local_rank = rank % torch.cuda.device_count() if on_gpu else 0
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size)
+        elif dist.get_world_size() != world_size:
+            raise RuntimeError(f"torch.distributed already initialised with world size {dist.get_world_size()}")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+        bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        lc = cfg.learner
+        self.processor = AutoProcessor.from_pretrained(self.policy_path)
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        ds_config = deepspeed_config(cfg, bf16)
+
+        def load():
+            # Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model inside zero.Init:
+            # each rank only ever materialises its own partition of the weights.
+            zero3 = _ZeroConfigForHF(ds_config)  # held here: transformers keeps only a weakref
+            if lc.zero_stage == 3:
+                set_hf_deepspeed_config(zero3)
+            try:
+                return AutoModelForImageTextToText.from_pretrained(self.policy_path, dtype=self.dtype)
+            finally:
+                unset_hf_deepspeed_config()
+
+        model = load()
+        if lc.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # nanoGPT's rule: decay matrices and embeddings, not biases and norm gains.
+        groups = [{"params": [p for p in trainable if p.dim() >= 2]},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: warmup_factor(step, lc.warmup_steps)))
+        self.model = self.engine.module
+        self.hf_names = checkpoint_names(self.model)
+
+        self.ref = None
+        if lc.kl_coef > 0:
+            ref = load().eval().requires_grad_(False)
+            if lc.zero_stage == 3:
+                self.ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, bf16, with_optimizer=False))[0]
+            else:
+                self.ref = ref.to(self.device)
+        # Padding micro-batches (see module docstring) forward this sample with zero weight.
+        size = cfg.model.image_size
+        from PIL import Image
+        self._filler = {"prompt": chat_prompt(""), "image": Image.new("RGB", (size, size)),
+                        "response_ids": [self.pad_id], "logprobs": [0.0], "advantage": 0.0}
+        n_train = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in trainable)
+        log.info("learner rank %d/%d: ZeRO-%d, %s, %.1fM trainable params, reference=%s", rank, world_size,
+                 lc.zero_stage, self.dtype, n_train / 1e6, self.ref is not None)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _micro_batches(self, samples: list[dict]) -> Iterator[tuple[list[dict], bool]]:
+        """(micro-batch, is_real): the same number of micro-batches on every rank, fillers last."""
+        mbs = self.cfg.learner.micro_batch_size
+        n_local = math.ceil(len(samples) / mbs)
+        n = int(self._all_reduce([n_local], dist.ReduceOp.MAX)[0])
+        for i in range(n):
+            chunk = samples[i * mbs:(i + 1) * mbs]
+            yield (chunk, True) if chunk else ([self._filler], False)
+
+    def _forward(self, module, batch: dict, with_entropy: bool = False):
+        out = module(**model_inputs(batch, self.device, self.dtype))
+        return token_logprobs(out.logits, batch["response_ids"].to(self.device),
+                              self.cfg.rollout.temperature, with_entropy)
+
+    def _counts(self, shard: list[dict], num_tokens, num_seqs) -> tuple[float, float]:
+        if num_tokens is None or num_seqs is None:
+            local = [sum(len(s["response_ids"]) for s in shard), sum(1 for s in shard if len(s["response_ids"]))]
+            total = self._all_reduce(local)
+            num_tokens = total[0] if num_tokens is None else num_tokens
+            num_seqs = total[1] if num_seqs is None else num_seqs
+        return float(num_tokens), float(num_seqs)
+
+    def _finish_step(self, sums: dict[str, float], maxes: dict[str, float]) -> dict[str, float]:
+        """One optimizer step, then whole-batch metrics (same on every rank)."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        keys = sorted(sums)
+        metrics = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
+        mkeys = sorted(maxes)
+        metrics.update(zip(mkeys, self._all_reduce([maxes[k] for k in mkeys], dist.ReduceOp.MAX)))
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = lr
+        return metrics
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, shard: list[dict], num_tokens: int | None = None, num_seqs: int | None = None) -> dict[str, float]:
+        """One GRPO update on this rank's shard; num_tokens/num_seqs count the WHOLE batch (all ranks).
+
+        shard: dicts with prompt, image, response_ids, logprobs (vLLM, one per token), advantage.
+        Exactly one optimizer update per rollout batch, so the "old" policy of the PPO ratio is the
+        current one: old_logp = logp.detach() from the same forward (ratio = 1, gradient A * grad logp,
+        as GRPO with one update per batch). None counts are computed by an all-reduce.
+        Returns whole-batch metrics: loss, pg_loss, kl, entropy, clip_frac, dual_clip_frac, ratio_mean,
+        ratio_max, grad_norm (before clipping), lr (used by this step), tokens, seqs, logprob_drift
+        = mean over response tokens of |learner logprob before the update - vLLM sampling logprob|.
+        """
+        lc = self.cfg.learner
+        num_tokens, num_seqs = self._counts(shard, num_tokens, num_seqs)
+        self.engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        maxes = {"ratio_max": 0.0}
+        for chunk, real in self._micro_batches(shard):
+            batch = collate(self.processor, chunk, self.pad_id)
+            mask = batch["response_mask"].to(self.device) * float(real)
+            adv = torch.tensor([float(s["advantage"]) for s in chunk], device=self.device) * float(real)
+            ref_logp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_logp, _ = self._forward(self.ref, batch)
+            logp, entropy = self._forward(self.engine, batch, with_entropy=True)
+            if lc.entropy_coef == 0:
+                entropy = entropy.detach()  # metric only: free its graph now
+            loss, m = policy_loss(
+                logp, logp.detach(), adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, agg=lc.loss_agg,
+                ref_logp=ref_logp, kl_coef=lc.kl_coef, kl_kind=lc.kl_kind, entropy=entropy,
+                entropy_coef=lc.entropy_coef, clip_ratio_c=lc.clip_ratio_c, num_tokens=num_tokens,
+                num_seqs=num_seqs, max_len=self.cfg.rollout.max_new_tokens)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+            sums["loss"] += loss.item()
+            for k, v in m.items():
+                if k == "ratio_max":
+                    maxes[k] = max(maxes[k], v.item())
+                else:
+                    sums[k] += v.item()
+            if real:
+                sampled = torch.zeros_like(mask)
+                for i, s in enumerate(chunk):
+                    n = min(len(s["logprobs"]), sampled.shape[1])
+                    sampled[i, :n] = torch.as_tensor(list(s["logprobs"][:n]), dtype=sampled.dtype)
+                sums["drift_sum"] += ((logp.detach() - sampled).abs() * mask).sum().item()
+        metrics = self._finish_step(sums, maxes)
+        metrics["logprob_drift"] = metrics.pop("drift_sum", 0.0) / max(num_tokens, 1.0)
+        metrics.update(tokens=num_tokens, seqs=num_seqs)
+        return metrics
+
+    def sft_step(self, shard: list[dict], num_tokens: int | None = None) -> dict[str, float]:
+        """Supervised warm start: loss = sum over response tokens of -log p / num_tokens (whole batch).
+
+        shard: dicts with prompt, image, response_ids. Same engine, optimizer and LR schedule as GRPO.
+        Returns loss, grad_norm, lr, tokens.
+        """
+        num_tokens, _ = self._counts(shard, num_tokens, 0)
+        self.engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        for chunk, real in self._micro_batches(shard):
+            batch = collate(self.processor, chunk, self.pad_id)
+            mask = batch["response_mask"].to(self.device) * float(real)
+            logp, _ = self._forward(self.engine, batch)
+            loss = -(logp * mask).sum() / max(num_tokens, 1.0)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            sums["loss"] += loss.item()
+        metrics = self._finish_step(sums, {})
+        metrics["tokens"] = num_tokens
+        return metrics
+
+    @torch.no_grad()
+    def logprobs(self, seqs: list[dict]) -> list[list[float]]:
+        """Per-token logprobs of each seq's response_ids under the current policy (no grad)."""
+        self.engine.eval()
+        out = []
+        for chunk, real in self._micro_batches(seqs):
+            batch = collate(self.processor, chunk, self.pad_id)
+            logp, _ = self._forward(self.engine, batch)
+            if real:
+                out += [logp[i, :len(s["response_ids"])].tolist() for i, s in enumerate(chunk)]
+        return out
+
+    # ------------------------------------------------------------------ weights out
+
+    def weight_buckets(self, bucket_bytes: int, trainable_only: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yields lists of (HF checkpoint name, CPU tensor) of about bucket_bytes each, in module order.
+
+        trainable_only: skip frozen parameters (the vision tower with learner.freeze_vision).
+        Under ZeRO-3 each bucket's parameters are gathered, copied to CPU and released before the next
+        bucket (never the whole model at once); this is collective, so every rank must iterate the
+        generator concurrently. Only rank 0 receives tensors; other ranks get one empty list per bucket.
+        """
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
+        zero3 = self.cfg.learner.zero_stage == 3
+        for bucket in plan_buckets(params, bucket_bytes):
+            tensors = []
+            if zero3:
+                with GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                    if self.rank == 0:
+                        tensors = [(self.hf_names[n], p.detach().to("cpu", copy=True).contiguous()) for n, p in bucket]
+            elif self.rank == 0:
+                tensors = [(self.hf_names[n], p.detach().to("cpu", copy=True).contiguous()) for n, p in bucket]
+            yield tensors
+
+    def export_hf(self, out_dir: str | Path) -> None:
+        """Writes an HF directory (safetensors shards, config, processor/tokenizer) of the current policy.
+
+        Collective (ZeRO-3 gathers the weights shard by shard); rank 0 writes.
+        """
+        from transformers import AutoConfig, GenerationConfig
+
+        out = Path(out_dir)
+        params = list(self.model.named_parameters())
+        total = len(plan_buckets(params, EXPORT_SHARD_BYTES))
+        weight_map: dict[str, str] = {}
+        for i, tensors in enumerate(self.weight_buckets(EXPORT_SHARD_BYTES, trainable_only=False)):
+            if self.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                write_shard(out, i, total, tensors, weight_map)
+        if self.rank == 0:
+            write_index(out, total, weight_map, sum(param_bytes(p) for _, p in params))
+            config = AutoConfig.from_pretrained(self.policy_path)
+            config.dtype = self.dtype
+            config.save_pretrained(out)
+            self.processor.save_pretrained(out)
+            try:
+                GenerationConfig.from_pretrained(self.policy_path).save_pretrained(out)
+            except OSError:
+                pass  # the policy has no generation_config.json
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict | None = None) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule; partitioned per rank) + client_state."""
+        self.engine.save_checkpoint(str(ckpt_dir), client_state=dict(client_state or {}))
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
+        """Restores what save_checkpoint wrote (its latest tag) and returns its client_state."""
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir}")
+        return client_state or {}
+
+    @staticmethod
+    def rng_state() -> dict:
+        """Python, NumPy and torch (CPU, CUDA) generator states, for client_state."""
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def set_rng_state(state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,214 @@
+"""Learner on one rank (ZeRO-2, CPU, gloo) with the tiny policy: GRPO/SFT steps, logprobs, weight buckets,
+checkpoints, HF export. Multi-rank and ZeRO-3 tests are in test_learner_dist.py."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from config import Config
+from policy.prompt import chat_prompt
+from policy.tiny import build_tiny_policy
+
+
+def make_samples(n: int, seed: int = 0, image_size: int = 112) -> list[dict]:
+    """n GRPO samples with different prompt and response lengths (one response is empty)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        length = 0 if i == 2 else int(rng.integers(1, 9))
+        samples.append({
+            "sample_id": f"s{i}",
+            "prompt": chat_prompt("the red square" + " left" * int(rng.integers(0, 4))),
+            "image": Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)),
+            "response_ids": rng.integers(300, 1300, length).tolist(),
+            "logprobs": [-7.0] * length,
+            "advantage": float(rng.normal()),
+        })
+    return samples
+
+
+def hf_logprobs(model, processor, sample) -> torch.Tensor:
+    """Independent reference: one unpadded forward of prompt + response, log_softmax, gather."""
+    enc = processor(text=[sample["prompt"]], images=[sample["image"]], return_tensors="pt")
+    response = torch.tensor([sample["response_ids"]], dtype=torch.long)
+    n, p = response.shape[1], enc["input_ids"].shape[1]
+    ids = torch.cat([enc["input_ids"], response], dim=1)
+    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, n, dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits
+    return logits[0, p - 1:p - 1 + n].float().log_softmax(-1).gather(-1, response[0, :, None])[:, 0]
+
+
+def learner_config(stage: int = 2, **learner) -> Config:
+    cfg = Config()
+    cfg.learner.zero_stage = stage
+    cfg.learner.lr = 1e-3
+    cfg.learner.micro_batch_size = 2
+    cfg.learner.kl_coef = 0.05
+    cfg.learner.warmup_steps = 3
+    cfg.learner.zero3_param_persistence_threshold = 0  # partition even the tiny model's small tensors
+    for k, v in learner.items():
+        setattr(cfg.learner, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", layers=2)
+
+
+@pytest.fixture(scope="module")
+def learner(policy_dir):
+    from learner.learner import Learner
+
+    return Learner(learner_config(2), str(policy_dir), master_port=_free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _all_weights(learner) -> dict[str, torch.Tensor]:
+    return {k: v for bucket in learner.weight_buckets(1 << 40, trainable_only=False) for k, v in bucket}
+
+
+def test_logprobs_match_unpadded_hf_forward(learner, policy_dir):
+    from transformers import AutoModelForImageTextToText
+
+    samples = make_samples(5, seed=1)
+    got = learner.logprobs(samples)
+    model = AutoModelForImageTextToText.from_pretrained(str(policy_dir)).eval()
+    assert [len(g) for g in got] == [len(s["response_ids"]) for s in samples]
+    for g, s in zip(got, samples):
+        if s["response_ids"]:
+            want = hf_logprobs(model, learner.processor, s)
+            assert torch.allclose(torch.tensor(g), want, atol=1e-5), (g, want)
+
+
+def test_weight_buckets_every_param_once_in_order(learner, policy_dir):
+    params = [(n, p) for n, p in learner.model.named_parameters()]
+    with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
+        file_keys = set(f.keys())
+        original = {k: f.get_tensor(k) for k in file_keys}
+    expected = [learner.hf_names[n] for n, _ in params]
+    assert set(expected) == file_keys  # names are the checkpoint's, not the module tree's
+    largest = max(p.numel() * p.element_size() for _, p in params)
+    for bucket_bytes in (1, 4096, 100_000, largest, 1 << 40):
+        buckets = list(learner.weight_buckets(bucket_bytes, trainable_only=False))
+        names = [k for b in buckets for k, _ in b]
+        assert names == expected
+        for b in buckets:
+            size = sum(t.numel() * t.element_size() for _, t in b)
+            assert size <= bucket_bytes or len(b) == 1
+            for _, t in b:
+                assert t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+        if bucket_bytes == 1:
+            assert len(buckets) == len(params)
+        if bucket_bytes == 1 << 40:
+            assert len(buckets) == 1
+    # Untrained learner: the tensors are the checkpoint's, bit for bit.
+    for k, t in _all_weights(learner).items():
+        assert torch.equal(t, original[k]), k
+
+
+def test_train_step_moves_logprobs_along_advantages(learner):
+    samples = make_samples(4, seed=2)
+    samples[0]["advantage"], samples[1]["advantage"] = 1.0, -1.0
+    samples[3]["advantage"] = 0.0
+    before_w = _all_weights(learner)
+    before = learner.logprobs(samples)
+    for s, lp in zip(samples, before):
+        s["logprobs"] = [x + 0.1 for x in lp]  # the sampler's logprobs, off by exactly 0.1
+    m = learner.train_step(samples)
+    after = learner.logprobs(samples)
+    assert sum(after[0]) > sum(before[0]) + 0.1  # positive advantage: more likely
+    assert sum(after[1]) < sum(before[1]) - 0.1  # negative advantage: less likely
+    changed = [k for k, v in _all_weights(learner).items() if not torch.equal(v, before_w[k])]
+    assert len(changed) == len(before_w)
+    n_tok = sum(len(s["response_ids"]) for s in samples)
+    assert m["tokens"] == n_tok and m["seqs"] == 3  # the empty response is not a sequence
+    assert m["logprob_drift"] == pytest.approx(0.1, abs=1e-4)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert m["clip_frac"] == 0.0 and m["ratio_mean"] == pytest.approx(1.0)
+    assert m["lr"] == pytest.approx(1e-3 / 3)  # first of 3 warm-up steps
+    assert m["grad_norm"] > 0 and np.isfinite(m["loss"])
+    assert m["loss"] == pytest.approx(m["pg_loss"] + 0.05 * m["kl"], abs=1e-6)
+    # pg_loss of a token_mean GRPO step with ratio 1: -sum_i A_i * n_i / n_tokens.
+    want = -sum(s["advantage"] * len(s["response_ids"]) for s in samples) / n_tok
+    assert m["pg_loss"] == pytest.approx(want, rel=1e-5)
+    m2 = learner.train_step(samples)
+    assert m2["kl"] > 0  # the reference stayed where the policy was
+    assert m2["lr"] == pytest.approx(2e-3 / 3)
+
+
+def test_sft_steps_lower_nll(learner):
+    samples = [s for s in make_samples(4, seed=3) if s["response_ids"]]
+    losses = [learner.sft_step(samples)["loss"] for _ in range(3)]
+    nll = -sum(sum(lp) for lp in learner.logprobs(samples)) / sum(len(s["response_ids"]) for s in samples)
+    assert losses[0] > losses[1] > losses[2] > nll
+
+
+def test_checkpoint_roundtrip_restores_params_and_optimizer(learner, tmp_path):
+    batch_a, batch_b = make_samples(3, seed=4), make_samples(3, seed=5)
+    learner.train_step(batch_a)
+    learner.save_checkpoint(tmp_path / "ckpt", {"step": 7, "rng": learner.rng_state()})
+    saved = _all_weights(learner)
+    saved_opt = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                 for s in learner.optimizer.optimizer.state.values()]
+    m_b = learner.train_step(batch_b)
+    after_b = _all_weights(learner)
+    learner.train_step(batch_a)  # wander further off
+
+    client = learner.load_checkpoint(tmp_path / "ckpt")
+    assert client["step"] == 7
+    learner.set_rng_state(client["rng"])
+    for k, v in _all_weights(learner).items():
+        assert torch.equal(v, saved[k]), k
+    restored_opt = list(learner.optimizer.optimizer.state.values())
+    assert len(restored_opt) == len(saved_opt) > 0
+    for s, r in zip(saved_opt, restored_opt):
+        for k, v in s.items():
+            assert torch.equal(r[k], v), k
+    # Resuming reproduces the same next step exactly (Adam moments and LR schedule restored too).
+    m_b2 = learner.train_step(batch_b)
+    assert m_b2["lr"] == m_b["lr"] and m_b2["loss"] == m_b["loss"]
+    for k, v in _all_weights(learner).items():
+        assert torch.equal(v, after_b[k]), k
+
+
+def test_export_hf_loads_in_transformers_with_same_logprobs(learner, policy_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    learner.train_step(make_samples(3, seed=6))  # exported weights differ from the initial ones
+    learner.export_hf(tmp_path / "hf")
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= files
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    original = AutoModelForImageTextToText.from_pretrained(str(policy_dir)).eval()
+    samples = [s for s in make_samples(4, seed=7) if s["response_ids"]]
+    for got, s in zip(learner.logprobs(samples), samples):
+        exported = hf_logprobs(model, processor, s)
+        assert torch.allclose(exported, torch.tensor(got), atol=1e-5)
+        assert not torch.allclose(exported, hf_logprobs(original, processor, s), atol=1e-3)
+
+
+def test_deepspeed_config_follows_learner_config():
+    from learner.learner import deepspeed_config, warmup_factor
+
+    ds = deepspeed_config(learner_config(3, grad_clip=0.5, lr=2e-6), bf16=True)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["optimizer"]["params"]["lr"] == 2e-6 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert "optimizer" not in deepspeed_config(learner_config(3), bf16=False, with_optimizer=False)
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
