@@ -23,16 +23,20 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
-def start_run(cfg: Config, run_id: str | None = None) -> mlflow.ActiveRun:
-    """Open (or, with run_id, reopen) the job's MLflow run; a new run gets the config as params."""
+def use_experiment(cfg: Config, name: str) -> None:
+    """Point MLflow at the config's store and experiment ``name`` (created on first use)."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    name = cfg.tracking.experiment
     if mlflow.get_experiment_by_name(name) is None:
         artifacts = Path(cfg.train.output_dir).resolve() / "mlartifacts"
-        uri = mlflow.get_tracking_uri()
         # Local stores keep artifacts next to the run outputs; remote servers choose their own.
-        mlflow.create_experiment(name, artifact_location=artifacts.as_uri() if uri.startswith("sqlite") else None)
+        local = mlflow.get_tracking_uri().startswith("sqlite")
+        mlflow.create_experiment(name, artifact_location=artifacts.as_uri() if local else None)
     mlflow.set_experiment(name)
+
+
+def start_run(cfg: Config, run_id: str | None = None) -> mlflow.ActiveRun:
+    """Open (or, with run_id, reopen) the job's MLflow run; a new run gets the config as params."""
+    use_experiment(cfg, cfg.tracking.experiment)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.tracking.run_name,
                            log_system_metrics=cfg.tracking.system_metrics)
     if run_id is None:

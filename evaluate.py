@@ -1,0 +1,126 @@
+"""Evaluate a policy on a split: greedy answers (vLLM) -> segmenter masks -> gIoU / cIoU.
+
+    python evaluate.py --config configs/default.yaml --split PATH [--checkpoint HF_DIR] [--out DIR]
+                       [--limit N] [section.field=value ...]
+
+Prints a table, writes ``eval.json`` and overlay PNGs to --out (default: <train.output_dir>/eval), and
+logs the numbers and pictures to MLflow (experiment ``<tracking.experiment>-eval``). Both metric
+conventions are reported under their names: ``lisa`` (empty-empty = 1, ignore pixels excluded) and
+``segzero`` (empty-empty = 0, ignore pixels counted as target).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("evaluate")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--split", required=True, help="Parquet file or directory of rows to evaluate")
+    p.add_argument("--checkpoint", default=None, help="HF directory of the policy (default: model.policy_path, "
+                   "else <train.output_dir>/final_policy, else the untrained tiny policy)")
+    p.add_argument("--out", default=None, help="output directory (default: <train.output_dir>/eval)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--overlays", type=int, default=8, help="overlay pictures to write (first N samples)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    from config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not Path(args.split).exists():
+        print(f"--split: not found: {args.split}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out or Path(cfg.train.output_dir) / "eval")
+    result = evaluate(cfg, args.split, policy_for_eval(cfg, args.checkpoint), out, args.limit, args.overlays)
+    print(format_table(result))
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'eval.json'} and {len(result['overlays'])} overlays in {out}")
+    if not args.no_mlflow:
+        log_to_mlflow(cfg, result, args.split)
+    return 0
+
+
+def policy_for_eval(cfg, checkpoint: str | None) -> str:
+    if checkpoint:
+        if not Path(checkpoint, "config.json").exists():
+            raise SystemExit(f"--checkpoint: no HF checkpoint (config.json) in {checkpoint}")
+        return checkpoint
+    final = Path(cfg.train.output_dir) / "final_policy"
+    if not cfg.model.policy_path and (final / "config.json").exists():
+        return str(final)
+    from launch import prepare_policy
+    return prepare_policy(cfg)
+
+
+def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = None, overlays: int = 8) -> dict:
+    from tqdm import tqdm
+
+    from data.dataset import ParquetSource
+    from evaluation.run import evaluate_answers
+    from reward.segmenters import make_segmenter
+    from rollout.worker import RolloutWorker
+
+    size = cfg.model.image_size
+    source = ParquetSource(split, shuffle=False)
+    samples = []
+    for sample in source.iter_epoch():
+        if limit is not None and len(samples) >= limit:
+            break
+        samples.append(sample)
+    if source.skipped:
+        log.warning("skipped rows: %s", dict(source.skipped))
+    worker = RolloutWorker(cfg, policy_path, seed=cfg.train.seed)
+    responses, tokens = [], []
+    batch = max(1, cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+    for i in tqdm(range(0, len(samples), batch), desc="generate", unit="batch"):
+        chunk = samples[i:i + batch]
+        outs = worker.generate([{"sample_id": s.id, "problem": s.problem, "image": s.model_image(size)}
+                                for s in chunk], n=1, greedy=True)
+        responses += [o["responses"][0]["text"] for o in outs]
+        tokens += [len(o["responses"][0]["token_ids"]) for o in outs]
+    segmenter = make_segmenter(cfg.reward)
+    result = evaluate_answers(samples, responses, tokens, segmenter, cfg.reward.rules, size,
+                              overlay_dir=out / "overlays", max_overlays=overlays)
+    result.update(split=str(split), policy=policy_path, segmenter=cfg.reward.segmenter)
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("convention", "gIoU", "cIoU")]
+    for name, note in (("lisa", "empty-empty=1, ignore excluded"), ("segzero", "empty-empty=0, ignore counted")):
+        rows.append((f"{name} ({note})", f"{result[f'giou_{name}']:.4f}", f"{result[f'ciou_{name}']:.4f}"))
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{r[0]:<{w}}  {r[1]:>7}  {r[2]:>7}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"samples {result['n']}, parse failures {result['parse_failure_rate']:.1%}, "
+                 f"mean response {result['response_tokens_mean']:.1f} tokens, segmenter {result['segmenter']}")
+    return "\n".join(lines)
+
+
+def log_to_mlflow(cfg, result: dict, split: str) -> None:
+    import mlflow
+
+    from cluster.tracking import use_experiment
+
+    use_experiment(cfg, f"{cfg.tracking.experiment}-eval")
+    with mlflow.start_run(run_name=f"eval {Path(split).name}"):
+        mlflow.log_params({"split": split, "policy": result["policy"], "segmenter": result["segmenter"]})
+        mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})
+        for path in result["overlays"]:
+            mlflow.log_artifact(path, artifact_path="overlays")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
