@@ -73,6 +73,17 @@ class RolloutConfig(Section):
         0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip vLLM graph capture/compilation (faster start, slower decode).")
+    engine_in_process: bool = Field(
+        True, description="Run vLLM's engine and (with tensor_parallel_size 1) its worker inside the rollout "
+        "process (VLLM_ENABLE_V1_MULTIPROCESSING=0): faster start, no extra processes, weights passed by "
+        "reference. False: vLLM's own processes; weights then travel as safetensors bytes.")
+    weight_sync: Literal["rpc", "nccl"] = Field(
+        "rpc", description="How learner weights reach vLLM: rpc = HF-named tensors through vLLM's "
+        "collective_rpc (CPU, or a learner on the same node); nccl = vLLM's NCCL weight transfer, broadcast "
+        "from learner rank 0 to every rollout GPU (GPU only).")
+    enable_sleep_mode: bool = Field(
+        False, description="GPU only: let rollout workers sleep() (free GPU memory) while a learner on the "
+        "same GPUs trains, and wake_up() before generating.")
 
 
 class RewardConfig(Section):

@@ -1,0 +1,221 @@
+"""RolloutWorker: one vLLM engine that samples G answers per prompt and takes the learner's weights.
+
+Plain Python (no Ray): a Ray actor in cluster/ holds one; tests and benchmarks build one directly.
+
+    worker = RolloutWorker(cfg, policy_path, seed=0)
+    groups = worker.generate([{"sample_id": "a", "problem": "the red square", "image": pil}], n=8)
+    worker.update_weights(buckets, version=1)     # buckets: lists of (HF name, tensor)
+    # or, streamed bucket by bucket (cluster/weight_sync.py):
+    for bucket in buckets: worker.load_weights(bucket)
+    worker.commit_weights(version=1)
+
+On CPU the engine runs inside the calling process by default (rollout.engine_in_process): it starts
+in ~5-15 s instead of ~55 s on 2 cores, spawns no processes, and weight tensors reach the model by
+reference. It then decodes with torch's threads of the calling process: set them (e.g. to the
+actor's CPU count) before generating. More threads than free cores is ruinous on CPU (measured on
+a loaded 2-core machine: 2 threads 350 tok/s, 1 thread 2,400 tok/s); vLLM's own processes
+(engine_in_process=false) bind one thread per core they own and decode at the same ~2,400 tok/s.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import torch
+
+from config import Config
+from policy.prompt import chat_prompt
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, policy_path: str, seed: int = 0):
+        self.cfg = cfg
+        self.weight_version = 0
+        self._update_open = False
+        r = cfg.rollout
+        on_gpu = torch.cuda.is_available()
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        # Must be set before vLLM reads it (engine construction).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if r.engine_in_process else "1"
+        # vLLM's RPC carries tensors only within one process; otherwise buckets travel as bytes.
+        self._tensors_by_reference = r.engine_in_process and r.tensor_parallel_size == 1
+        pixels = cfg.model.image_size ** 2
+        engine_args = dict(
+            model=policy_path, dtype=dtype, seed=seed, enforce_eager=r.enforce_eager,
+            max_model_len=r.max_model_len, tensor_parallel_size=r.tensor_parallel_size,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            # min = max = image_size^2, as the learner's processor: images arrive pre-resized to
+            # image_size x image_size and neither side may resize them again.
+            mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
+            worker_extension_cls=EXTENSION,
+        )
+        if on_gpu:
+            engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization,
+                               enable_sleep_mode=r.enable_sleep_mode)
+            if r.weight_sync == "nccl":
+                from vllm.config import WeightTransferConfig
+
+                engine_args["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        else:
+            # What VLLM_CPU_KVCACHE_SPACE sets, without the env var and with fractional GiB.
+            engine_args["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
+
+        from vllm import LLM
+
+        start = time.perf_counter()
+        set_num_threads = torch.set_num_threads
+        self.llm = LLM(**engine_args)
+        # vLLM's CPU worker turns torch.set_num_threads into a no-op to protect its thread binding;
+        # in-process there is no binding, and the rest of this process keeps the real function.
+        torch.set_num_threads = set_num_threads
+        self.start_seconds = time.perf_counter() - start
+        self.tokenizer = self.llm.get_tokenizer()
+        log.info("vLLM engine for %s ready in %.1f s (%s, %s, in_process=%s)", policy_path,
+                 self.start_seconds, "GPU" if on_gpu else "CPU", dtype, r.engine_in_process)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[dict], n: int, max_new_tokens: int | None = None,
+                 temperature: float | None = None, greedy: bool = False) -> list[dict]:
+        """n sampled answers per prompt ({"sample_id", "problem", "image": PIL at model size}).
+
+        Returns one dict per prompt, in order: {"sample_id", "prompt" (chat text), "prompt_ids"
+        (as vLLM tokenized it, image pads expanded), "responses": n x {"token_ids", "logprobs",
+        "text", "finish_reason"}, "weight_version"}. ``token_ids`` end with <|im_end|> when the
+        answer finished ("stop"). ``logprobs[t]`` = log softmax(logits_t)[token_t] of the policy
+        at temperature 1 (vLLM raw_logprobs), the quantity the learner recomputes; it equals the
+        sampling distribution's when temperature = top_p = 1 (Seg-Zero's setting).
+
+        Randomness comes from the engine seed: vLLM's CPU build crashes on per-request seeds
+        ("CPU Generator does not use offset"), so none are set.
+        """
+        from vllm import SamplingParams
+
+        if self._update_open:
+            raise RuntimeError("a weight update is open: call commit_weights(version) before generating")
+        if greedy and n != 1:
+            raise ValueError(f"greedy decoding gives one answer per prompt: n must be 1, got {n}")
+        r = self.cfg.rollout
+        params = SamplingParams(
+            n=n, max_tokens=max_new_tokens or r.max_new_tokens, logprobs=0,
+            temperature=0.0 if greedy else (r.temperature if temperature is None else temperature),
+            top_p=1.0 if greedy else r.top_p)
+        texts = [chat_prompt(p["problem"]) for p in prompts]
+        requests = [{"prompt": text, "multi_modal_data": {"image": p["image"]}}
+                    for text, p in zip(texts, prompts)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [{
+            "sample_id": p["sample_id"],
+            "prompt": text,
+            "prompt_ids": list(out.prompt_token_ids),
+            "responses": [{
+                "token_ids": list(c.token_ids),
+                "logprobs": [position[token].logprob for token, position in zip(c.token_ids, c.logprobs)],
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+            } for c in out.outputs],
+            "weight_version": self.weight_version,
+        } for p, text, out in zip(prompts, texts, outputs)]
+
+    def probe_logprobs(self, prompt: dict, token_ids: list[int]) -> list[float]:
+        """log p(token_ids[t] | prompt, token_ids[:t]) under vLLM's current weights (parity checks).
+
+        Scores prompt + response as one prompt (prompt_logprobs) and keeps the response part.
+        The prompt goes in as token ids with one <|image_pad|>, which vLLM expands as for text.
+        """
+        from vllm import SamplingParams
+
+        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"]), add_special_tokens=False)
+        request = {"prompt_token_ids": prompt_ids + list(token_ids),
+                   "multi_modal_data": {"image": prompt["image"]}}
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        scored = self.llm.generate([request], params, use_tqdm=False)[0].prompt_logprobs
+        tail = scored[len(scored) - len(token_ids):]
+        return [position[token].logprob for token, position in zip(token_ids, tail)]
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        """Loads one bucket of HF-named tensors into vLLM; returns its size in bytes.
+
+        The first bucket after a commit opens an update; generating before ``commit_weights``
+        is not allowed. Within one update every decoder layer must get all of its tensors or
+        none (see vllm_extension.py); any split of the model into buckets is fine.
+        """
+        if not self._update_open:
+            self.llm.collective_rpc("begin_weight_load")
+            self._update_open = True
+        n_bytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        self.llm.collective_rpc("load_weights", args=(bucket if self._tensors_by_reference
+                                                      else _to_safetensors_bytes(bucket),))
+        return n_bytes
+
+    def commit_weights(self, version: int) -> int:
+        """Ends the update and drops every cache computed with the old weights: prefix (KV)
+        cache, encoder cache (a stale one silently reuses old image embeddings, or fails with
+        "Encoder cache miss") and multimodal processor cache. Returns the new weight version."""
+        if self._update_open:
+            self.llm.collective_rpc("end_weight_load", args=(version,))
+            self._update_open = False
+        self._reset_caches()
+        self.weight_version = version
+        return version
+
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> int:
+        """load_weights for every bucket, then commit_weights(version); returns the bytes loaded."""
+        start = time.perf_counter()
+        n_bytes = sum(self.load_weights(bucket) for bucket in buckets)
+        self.commit_weights(version)
+        log.info("weights v%d loaded: %.1f MB in %.2f s", version, n_bytes / 1e6, time.perf_counter() - start)
+        return n_bytes
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int,
+                              world_size: int) -> None:
+        """GPU path (rollout.weight_sync=nccl; untested on CPU): joins the NCCL group of learner
+        rank 0 (rank 0) and all rollout GPUs. This engine's workers take ranks rank_offset ..
+        rank_offset + tensor_parallel_size - 1. Blocks until every member joined, so the driver
+        calls it on all workers while learner rank 0 calls ``vllm_extension.open_sender``."""
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": dict(
+            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+            world_size=world_size, packed=False)})
+
+    def receive_weight_broadcast(self, metadata: list[tuple[str, str, list[int]]], version: int) -> None:
+        """GPU path (untested on CPU): receives one full update broadcast by learner rank 0.
+
+        ``metadata`` = [(HF name, dtype name e.g. "bfloat16", shape)] in exactly the order
+        ``vllm_extension.broadcast_weights`` sends them (``vllm_extension.tensor_metadata``).
+        Runs concurrently with the sender; vLLM's NCCL engine receives each tensor into a fresh
+        buffer and loads it inside one layerwise-reload session (same rules as load_weights).
+        """
+        names, dtypes, shapes = (list(column) for column in zip(*metadata))
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": dict(
+            names=names, dtype_names=dtypes, shapes=shapes)})
+        self.llm.collective_rpc("finish_weight_update")
+        self.commit_weights(version)
+
+    def _reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+    # ------------------------------------------------------------------ colocated GPU mode
+    def sleep(self, level: int = 1) -> None:
+        """Frees GPU memory between rollouts (needs rollout.enable_sleep_mode, GPU only; vLLM's CPU
+        worker ignores it). Level 1 keeps weights in host memory; level 2 drops them, so the next
+        update_weights must push the whole model before generating."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+
+
+def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: t.detach().to("cpu").contiguous() for name, t in bucket})
