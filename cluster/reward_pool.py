@@ -4,8 +4,9 @@
     pool.submit(sample_id, group)          # dispatched at once to the least-loaded actor
     rewards = pool.collect(sample_ids)     # {sample_id: [per-response dict]}, every group exactly once
 
-Fault handling: an actor that dies (ray.kill, node loss, OOM) or makes no progress for
-`call_timeout_s` (hung: its queue's head has run that long) is killed and replaced by a fresh actor,
+Fault handling: an actor that dies (ray.kill, node loss, OOM), makes no progress for `call_timeout_s`
+once up (hung: its queue's head has run that long), or is not up within `startup_timeout_s`, is
+killed and replaced by a fresh actor,
 and every group it still held is dispatched again. Results are keyed by group, and only the
 reference of a group's latest dispatch counts, so each group appears in the result exactly once.
 A group that fails `max_attempts` dispatches, or whose scoring raises inside the worker (a malformed
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from reward.worker import RewardWorker
 
@@ -30,18 +31,23 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Worker:
     actor: object
+    ready: object  # ObjectRef of actor.__ray_ready__() until the constructor has finished, then None
+    started: float
     inflight: dict = field(default_factory=dict)  # ObjectRef -> group key, in dispatch order
-    last_progress: float = 0.0  # when its queue head started (last completion, or going busy)
+    last_progress: float = 0.0  # when its queue head started (last completion, going busy, or ready)
     groups: int = 0
     samples: int = 0
 
 
 class RewardPool:
     def __init__(self, cfg, num_workers: int, resources: dict, call_timeout_s: float = 600.0,
-                 max_attempts: int = 3):
-        """cfg: config.RewardConfig; resources: {"num_cpus": float, "num_gpus": float} per actor."""
+                 startup_timeout_s: float = 600.0, max_attempts: int = 3):
+        """cfg: config.RewardConfig; resources: {"num_cpus": float, "num_gpus": float} per actor.
+        The call timeout runs only once an actor is up (its constructor, e.g. loading SAM2, has
+        `startup_timeout_s`)."""
         self.cfg = cfg
         self.call_timeout_s = call_timeout_s
+        self.startup_timeout_s = startup_timeout_s
         self.max_attempts = max_attempts
         num_gpus = float(resources.get("num_gpus", 0))
         self._actor_class = ray.remote(RewardWorker).options(
@@ -56,7 +62,8 @@ class RewardPool:
         self._t_last: float | None = None
 
     def _start(self) -> _Worker:
-        return _Worker(self._actor_class.remote(self.cfg, self._device))
+        actor = self._actor_class.remote(self.cfg, self._device)
+        return _Worker(actor, actor.__ray_ready__.remote(), time.monotonic())
 
     # -- dispatch -------------------------------------------------------------------------------
     def submit(self, key, group: dict) -> None:
@@ -87,6 +94,8 @@ class RewardPool:
             raise KeyError(f"groups never submitted (or already collected): {unknown[:5]}")
         while any(k not in self._results for k in keys):
             refs = [ref for w in self.workers for ref in w.inflight]
+            if not refs:
+                raise RuntimeError("reward pool: groups are missing but none is in flight")
             ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, self.call_timeout_s))
             for ref in ready:
                 self._finish(ref)
@@ -106,8 +115,11 @@ class RewardPool:
         try:
             scores = ray.get(ref)
         except RayTaskError as exc:
-            raise RuntimeError(f"scoring group {worker.inflight[ref]!r} raised inside the reward worker") from exc
-        except RayActorError as exc:
+            key = worker.inflight.pop(ref)
+            del self._groups[key], self._attempts[key]  # the pool stays usable for the other groups
+            raise RuntimeError(f"scoring group {key!r} raised inside the reward worker") from exc
+        except RayError as exc:  # the actor died, was killed, ran out of memory, lost its node...
+            self._is_up(worker, timeout=1.0)  # raises if it never started
             logger.warning("reward actor died (%s); replacing it and re-scoring its %d groups",
                            type(exc).__name__, len(worker.inflight))
             self._replace(worker)
@@ -121,10 +133,30 @@ class RewardPool:
     def _replace_hung(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers):
+            if worker.ready is not None and not self._is_up(worker):
+                # still starting: the startup timeout applies, not the call timeout
+                if now - worker.started > self.startup_timeout_s:
+                    logger.warning("reward actor not up after %.0f s; replacing it", now - worker.started)
+                    self._replace(worker)
+                continue
             if worker.inflight and now - worker.last_progress > self.call_timeout_s:
                 logger.warning("reward actor made no progress for %.0f s (cluster.call_timeout_s); replacing "
                                "it and re-scoring its %d groups", now - worker.last_progress, len(worker.inflight))
                 self._replace(worker)
+
+    def _is_up(self, worker: _Worker, timeout: float = 0.0) -> bool:
+        """Whether the actor's constructor has finished; raises when it failed (a bad checkpoint path,
+        say), which no replacement would fix."""
+        if worker.ready is None:
+            return True
+        if not ray.wait([worker.ready], timeout=timeout)[0]:
+            return False
+        try:
+            ray.get(worker.ready)
+        except RayError as exc:
+            raise RuntimeError("a reward worker failed to start (see the cause above)") from exc
+        worker.ready, worker.last_progress = None, time.monotonic()
+        return True
 
     def _replace(self, worker: _Worker) -> None:
         ray.kill(worker.actor, no_restart=True)

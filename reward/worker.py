@@ -67,7 +67,7 @@ class RewardWorker:
             return ious
         try:
             gt = decode_rle(group["mask"])
-            image = np.asarray(Image.open(io.BytesIO(group["image"])).convert("RGB"))
+            image = np.array(Image.open(io.BytesIO(group["image"])).convert("RGB"))  # writable, as torch wants
             height, width = image.shape[:2]
             # The image id is a hash of its bytes: samples that share an image share its embedding.
             image_id = hashlib.blake2b(group["image"], digest_size=16).hexdigest()

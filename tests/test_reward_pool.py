@@ -91,7 +91,7 @@ def test_killed_actor_mid_step_every_group_scored_once(groups, caplog):
 
 def test_hung_actor_is_replaced_after_the_call_timeout(groups):
     gs, expected = groups
-    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=5)
+    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=10)
     hung = pool.workers[0]
     hung.actor.__ray_call__.remote(lambda self: time.sleep(3600))  # blocks the actor's queue
     keys = list(gs)[:4]
@@ -118,4 +118,16 @@ def test_resize_between_steps_and_bad_group(groups):
     pool.submit("bad", {"sample_id": "bad"})  # no responses: a malformed group is an error, not a retry
     with pytest.raises(RuntimeError, match="bad"):
         pool.collect(["bad"])
+    pool.submit("s4", gs["s4"])  # the pool still works after the error
+    assert pool.collect(["s4"]) == {"s4": expected["s4"]}
+    pool.shutdown()
+
+
+def test_worker_that_cannot_start_raises(groups, tmp_path):
+    gs, _ = groups
+    cfg = RewardConfig(segmenter="sam2", sam2_checkpoint=str(tmp_path / "missing.pt"))
+    pool = RewardPool(cfg, num_workers=1, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    pool.submit("s0", gs["s0"])
+    with pytest.raises(RuntimeError, match="failed to start"):
+        pool.collect(["s0"])
     pool.shutdown()
