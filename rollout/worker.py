@@ -31,6 +31,7 @@ from policy.prompt import chat_prompt
 log = logging.getLogger(__name__)
 
 EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 class RolloutWorker:
@@ -38,6 +39,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.weight_version = 0
         self._update_open = False
+        self._warned_truncation = False
         r = cfg.rollout
         on_gpu = torch.cuda.is_available()
         dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -76,6 +78,10 @@ class RolloutWorker:
         torch.set_num_threads = set_num_threads
         self.start_seconds = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
+        # Vision placeholders in an answer would be read as image slots by the learner's forward
+        # (a real Qwen never writes them; a random tiny policy can): never sample them.
+        vocab = self.tokenizer.get_vocab()
+        self.banned_logit_bias = {vocab[t]: -100.0 for t in VISION_TOKENS if t in vocab}
         log.info("vLLM engine for %s ready in %.1f s (%s, %s, in_process=%s)", policy_path,
                  self.start_seconds, "GPU" if on_gpu else "CPU", dtype, r.engine_in_process)
 
@@ -86,7 +92,8 @@ class RolloutWorker:
 
         Returns one dict per prompt, in order: {"sample_id", "prompt" (chat text), "prompt_ids"
         (as vLLM tokenized it, image pads expanded), "responses": n x {"token_ids", "logprobs",
-        "text", "finish_reason"}, "weight_version"}. ``token_ids`` end with <|im_end|> when the
+        "text", "finish_reason"}, "weight_version"}. A prompt longer than rollout.max_model_len
+        gets "responses": [] and "prompt_ids": [] (logged), not an exception for the batch. ``token_ids`` end with <|im_end|> when the
         answer finished ("stop"). ``logprobs[t]`` = log softmax(logits_t)[token_t] of the policy
         at temperature 1 (vLLM raw_logprobs), the quantity the learner recomputes; it equals the
         sampling distribution's when temperature = top_p = 1 (Seg-Zero's setting).
@@ -104,23 +111,47 @@ class RolloutWorker:
         params = SamplingParams(
             n=n, max_tokens=max_new_tokens or r.max_new_tokens, logprobs=0,
             temperature=0.0 if greedy else (r.temperature if temperature is None else temperature),
-            top_p=1.0 if greedy else r.top_p)
+            top_p=1.0 if greedy else r.top_p, logit_bias=self.banned_logit_bias)
         texts = [chat_prompt(p["problem"]) for p in prompts]
+        fits = self._fits_context(texts, params.max_tokens)
         requests = [{"prompt": text, "multi_modal_data": {"image": p["image"]}}
-                    for text, p in zip(texts, prompts)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [{
-            "sample_id": p["sample_id"],
-            "prompt": text,
-            "prompt_ids": list(out.prompt_token_ids),
-            "responses": [{
-                "token_ids": list(c.token_ids),
-                "logprobs": [position[token].logprob for token, position in zip(c.token_ids, c.logprobs)],
-                "text": c.text,
-                "finish_reason": c.finish_reason,
-            } for c in out.outputs],
-            "weight_version": self.weight_version,
-        } for p, text, out in zip(prompts, texts, outputs)]
+                    for text, p, ok in zip(texts, prompts, fits) if ok]
+        outputs = iter(self.llm.generate(requests, params, use_tqdm=False))
+        results = []
+        for p, text, ok in zip(prompts, texts, fits):
+            out = next(outputs) if ok else None
+            results.append({
+                "sample_id": p["sample_id"],
+                "prompt": text,
+                "prompt_ids": list(out.prompt_token_ids) if ok else [],
+                "responses": [{
+                    "token_ids": list(c.token_ids),
+                    "logprobs": [position[token].logprob for token, position in zip(c.token_ids, c.logprobs)],
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                } for c in out.outputs] if ok else [],
+                "weight_version": self.weight_version,
+            })
+        return results
+
+    def _fits_context(self, texts: list[str], max_new_tokens: int) -> list[bool]:
+        """False for prompts longer than max_model_len: vLLM would reject the whole batch for one
+        of them, so they get no answers (responses == []) and a warning instead."""
+        max_len = self.cfg.rollout.max_model_len
+        # <|image_pad|> expands to one token per 28x28 pixels (14-px patches, 2x2 merge).
+        image_tokens = (self.cfg.model.image_size // 28) ** 2
+        fits = []
+        for text in texts:
+            length = len(self.tokenizer.encode(text, add_special_tokens=False)) - 1 + image_tokens
+            fits.append(length < max_len)
+            if length >= max_len:
+                log.warning("prompt of %d tokens does not fit rollout.max_model_len=%d: no answers for it",
+                            length, max_len)
+            elif length + max_new_tokens > max_len and not self._warned_truncation:
+                self._warned_truncation = True
+                log.warning("prompt of %d tokens + max_new_tokens %d > rollout.max_model_len=%d: answers "
+                            "are cut at %d tokens", length, max_new_tokens, max_len, max_len - length)
+        return fits
 
     def probe_logprobs(self, prompt: dict, token_ids: list[int]) -> list[float]:
         """log p(token_ids[t] | prompt, token_ids[:t]) under vLLM's current weights (parity checks).

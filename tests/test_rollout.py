@@ -123,6 +123,20 @@ def test_prompt_ids_equal_processor_input_ids(worker, hf, prompt):
     assert out["prompt_ids"].count(image_pad) == (IMAGE_SIZE // 28) ** 2  # expanded: 14-px patches, 2x2 merge
 
 
+def test_prompt_too_long_gets_no_answers_without_failing_the_batch(worker, prompt):
+    # One 'x' is one token (byte-level): the longest problem that fits leaves room for one token.
+    base = len(worker.generate([{**prompt, "problem": "xx"}], n=1, max_new_tokens=1)[0]["prompt_ids"]) - 2
+    longest = worker.cfg.rollout.max_model_len - 1 - base
+    batch = [prompt, {**prompt, "sample_id": "fits", "problem": "x" * longest},
+             {**prompt, "sample_id": "too_long", "problem": "x" * (longest + 1)}]
+    out = worker.generate(batch, n=2, max_new_tokens=4)
+    assert [o["sample_id"] for o in out] == ["img0", "fits", "too_long"]
+    assert [len(o["responses"]) for o in out] == [2, 2, 0]
+    assert len(out[1]["prompt_ids"]) == worker.cfg.rollout.max_model_len - 1
+    assert [len(r["token_ids"]) for r in out[1]["responses"]] == [1, 1]  # cut at max_model_len
+    assert out[2]["prompt_ids"] == []
+
+
 def test_greedy_is_deterministic(worker, prompt):
     first = worker.generate([prompt], n=1, max_new_tokens=8, greedy=True)[0]["responses"][0]
     again = worker.generate([prompt], n=1, max_new_tokens=8, greedy=True)[0]["responses"][0]
