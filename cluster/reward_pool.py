@@ -42,7 +42,8 @@ class _Worker:
 class RewardPool:
     def __init__(self, cfg, num_workers: int, resources: dict, call_timeout_s: float = 600.0,
                  startup_timeout_s: float = 600.0, max_attempts: int = 3):
-        """cfg: config.RewardConfig; resources: {"num_cpus": float, "num_gpus": float} per actor.
+        """cfg: config.RewardConfig; resources per actor: {"num_cpus", "num_gpus", optional "torch_threads"}
+        (config.ClusterConfig.reward as a dict).
         The call timeout runs only once an actor is up (its constructor, e.g. loading SAM2, has
         `startup_timeout_s`)."""
         self.cfg = cfg
@@ -50,9 +51,11 @@ class RewardPool:
         self.startup_timeout_s = startup_timeout_s
         self.max_attempts = max_attempts
         num_gpus = float(resources.get("num_gpus", 0))
+        threads = resources.get("torch_threads")  # optional; else Ray's default OMP_NUM_THREADS = num_cpus
         self._actor_class = ray.remote(RewardWorker).options(
             num_cpus=float(resources.get("num_cpus", 1)), num_gpus=num_gpus,
-            max_restarts=-1, max_task_retries=1)
+            max_restarts=-1, max_task_retries=1,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None)
         self._device = "cuda" if num_gpus > 0 else "cpu"
         self.workers: list[_Worker] = [self._start() for _ in range(num_workers)]
         self._groups: dict = {}  # key -> group, until collected

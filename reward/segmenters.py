@@ -91,6 +91,8 @@ class Sam2Segmenter(Segmenter):
         return contextlib.nullcontext()
 
     def _encode(self, image):
+        if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only arrays
+            image = image.copy()
         with self._torch.inference_mode(), self._autocast():
             self.predictor.set_image(image)
         return self.predictor._features, self.predictor._orig_hw

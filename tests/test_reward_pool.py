@@ -105,8 +105,11 @@ def test_hung_actor_is_replaced_after_the_call_timeout(groups):
 
 def test_resize_between_steps_and_bad_group(groups):
     gs, expected = groups
-    pool = RewardPool(CFG, num_workers=1, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    pool = RewardPool(CFG, num_workers=1, resources={"num_cpus": 1, "num_gpus": 0, "torch_threads": 2},
+                      call_timeout_s=60)
     pool.resize(3)
+    env = ray.get(pool.workers[2].actor.__ray_call__.remote(lambda self: __import__("os").environ["OMP_NUM_THREADS"]))
+    assert env == "2"
     for key in ["s0", "s1", "s2"]:
         pool.submit(key, gs[key])
     assert [len(w.inflight) for w in pool.workers] == [1, 1, 1]
