@@ -67,7 +67,7 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
-    max_model_len: int = Field(512, ge=64, description="vLLM context length (prompt + image tokens + response).")
+    max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + image tokens + response).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per rollout worker (GPU).")
     gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
@@ -134,9 +134,23 @@ class LearnerConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(20, ge=1, description="GRPO steps.")
+    sft_steps: int = Field(
+        0, ge=0, description="Supervised warm-start steps on the dataset's reference answers before GRPO "
+        "(0: none). Also Seg-Zero's SFT baseline when run alone (train.steps small).")
+    sft_batch_size: int = Field(16, ge=1, description="Sequences per warm-start step.")
+    sft_lr: float = Field(1e-3, gt=0, description="Learning rate of the warm start (GRPO uses learner.lr).")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs/default", description="Where the tiny policy, data, checkpoints and plots go.")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+
+
+class EvalConfig(Section):
+    every_n_steps: int = Field(
+        0, ge=0, description="Evaluate on the held-out split every N GRPO steps (0: only before GRPO and at the end).")
+    num_samples: int = Field(32, ge=1, description="Held-out samples per evaluation (the first N rows of the split).")
+    overlays: int = Field(4, ge=0, description="Overlay pictures logged to MLflow per evaluation.")
+    enabled: bool = Field(True, description="Run evaluations during training at all.")
 
 
 class ResourcesConfig(Section):
@@ -176,6 +190,7 @@ class Config(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

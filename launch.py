@@ -1,12 +1,13 @@
 """Train a reasoning-segmentation policy with GRPO on Ray.
 
-    python launch.py [--config configs/default.yaml] [section.field=value ...]
+    python launch.py [--config configs/default.yaml] [--resume [PATH]] [section.field=value ...]
     ray job submit --working-dir . -- python launch.py --config configs/segzero_7b.yaml
 
-One step, top to bottom: take B prompts -> the rollout actors (vLLM) sample G answers per prompt ->
-each finished group goes straight to the reward pool (format/box/point rules + segmenter mask IoU) ->
-group-normalised advantages -> the learner ranks (DeepSpeed ZeRO) take one GRPO step -> rank 0's new
-weights are broadcast to every rollout actor (version = step) -> metrics to MLflow.
+The job, top to bottom: start the actors -> optional supervised warm start on reference answers ->
+GRPO steps -> held-out evaluation -> export. One GRPO step: take B prompts -> the rollout actors (vLLM)
+sample G answers per prompt -> each finished group goes straight to the reward pool (format/box/point
+rules + segmenter mask IoU) -> group-normalised advantages -> the learner ranks (DeepSpeed ZeRO) take
+one GRPO step -> rank 0's new weights are broadcast to every rollout actor (version = step) -> MLflow.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ log = logging.getLogger("launch")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from a checkpoint (default: the latest in train.output_dir), same MLflow run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=8")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():  # `--resume a.b=c`: an override
+        args.overrides.insert(0, args.resume)
+        args.resume = ""
+    return args
 
 
 def main(argv=None) -> int:
@@ -36,23 +43,28 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray.exceptions import RayError
+
     try:
-        train(cfg)
-    except (TimeoutError, RuntimeError) as exc:
+        train(cfg, resume=args.resume)
+    except (TimeoutError, RuntimeError, FileNotFoundError, RayError) as exc:
         log.error("training stopped: %s", exc)
         return 1
     return 0
 
 
-def train(cfg) -> None:
+def train(cfg, resume: str | None = None) -> None:
     import mlflow
     import ray
     import torch
     from tqdm import tqdm
 
+    from cluster import checkpoint
+    from cluster.evaluation import evaluate_policy
     from cluster.reward_pool import RewardPool
     from cluster.rollout import generate_and_score
     from cluster.start import connect, start_learners, start_rollout_workers
+    from cluster.topology import format_topology, topology
     from cluster.tracking import start_run
     from cluster.weight_sync import broadcast_weights
     from data.dataset import ParquetSource
@@ -60,28 +72,69 @@ def train(cfg) -> None:
 
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.resolve(resume or None, out) if resume is not None else None  # fail before start-up
     B, G, size = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.model.image_size
+    timeout = cfg.cluster.call_timeout_s
 
     # 1. Policy weights and data: local paths from the config, or the embedded tiny policy + synthetic set.
     policy_path = prepare_policy(cfg)
-    train_path, _eval_path = prepare_data(cfg)
+    train_path, eval_path = prepare_data(cfg)
     data = ParquetSource(train_path, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    eval_samples = held_out_samples(eval_path, cfg.eval.num_samples)
 
     # 2. The actors: learner ranks, rollout workers (vLLM), reward pool (segmenter workers).
     where = connect(cfg)
     log.info("ray: %s, resources %s", where, ray.cluster_resources())
     learners = start_learners(cfg, policy_path)
     workers = start_rollout_workers(cfg, policy_path, cfg.cluster.rollout_workers)
-    reward_pool = RewardPool(cfg.reward, cfg.cluster.reward_workers, cfg.cluster.reward.model_dump(),
-                             cfg.cluster.call_timeout_s)
+    reward_pool = RewardPool(cfg.reward, cfg.cluster.reward_workers, cfg.cluster.reward.model_dump(), timeout)
     t0 = time.perf_counter()
     ray.get([a.__ray_ready__.remote() for a in learners + workers], timeout=cfg.cluster.startup_timeout_s)
-    log.info("actors ready in %.1f s: %d learner ranks, %d rollout workers, %d reward workers",
-             time.perf_counter() - t0, len(learners), len(workers), cfg.cluster.reward_workers)
+    log.info("actors ready in %.1f s; topology:\n%s", time.perf_counter() - t0,
+             format_topology(topology({"learner": learners, "rollout": workers,
+                                       "reward": [w.actor for w in reward_pool.workers]})))
+    if cfg.reward.mask_iou != "off" and cfg.reward.segmenter == "grabcut":
+        log.info("mask reward: OpenCV GrabCut (weight-free stand-in for SAM2; set reward.segmenter=sam2 "
+                 "reward.sam2_checkpoint=PATH for production masks)")
+    sync = lambda version: broadcast_weights(learners, workers, version, cfg.cluster.sync_bucket_mb << 20,  # noqa: E731
+                                             cfg.cluster.sync_timeout_s)
 
-    # 3. The GRPO loop.
-    with start_run(cfg) as run, tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step") as bar:
+    # 3. Resume: learner state from DeepSpeed, driver state (data position, step, RNG, MLflow run).
+    step, sft_done, run_id = 0, 0, None
+    if resume is not None:
+        ray.get([l.load_checkpoint.remote(str(ckpt)) for l in learners], timeout=timeout)
+        state = checkpoint.load_driver_state(ckpt)
+        data.load_state_dict(state["data"])
+        step, sft_done, run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
+        sync(state["weight_version"])
+        log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, step, sft_done, run_id)
+
+    def save_checkpoint():
+        path = checkpoint.save(out, step, learners, {
+            "step": step, "sft_done": sft_done, "weight_version": step + sft_done, "data": data.state_dict(),
+            "mlflow_run_id": run.info.run_id}, cfg.train.keep_checkpoints, timeout)
+        log.info("checkpoint: %s", path)
+
+    with start_run(cfg, run_id) as run:
         log.info("mlflow run %s at %s", run.info.run_id, mlflow.get_tracking_uri())
+
+        # 4. Supervised warm start: teaches the answer format from the dataset's reference answers.
+        if sft_done < cfg.train.sft_steps:
+            tokenizer = reference_tokenizer(policy_path)
+            ray.get([l.set_lr.remote(cfg.train.sft_lr) for l in learners], timeout=timeout)
+            for sft_done in tqdm(range(sft_done + 1, cfg.train.sft_steps + 1), desc="warm start", unit="step"):
+                samples = data.next_batch(cfg.train.sft_batch_size)
+                batch = [{"prompt": chat_text(s.problem), "image": s.model_image(size),
+                          "response_ids": tokenizer(s.reference_answer(size))} for s in samples]
+                metrics = all_ranks(learners, "sft_step", batch, timeout)
+                mlflow.log_metrics({f"sft/{k}": float(v) for k, v in metrics.items()}, step=sft_done)
+            ray.get([l.set_lr.remote(cfg.learner.lr) for l in learners], timeout=timeout)
+            sync(sft_done)
+        if cfg.eval.enabled and step == 0:
+            log_eval(cfg, workers, eval_samples, out, 0)
+
+        # 5. GRPO.
+        bar = tqdm(range(step + 1, cfg.train.steps + 1), desc="grpo", unit="step", initial=step, total=cfg.train.steps)
         for step in bar:
             t_step = time.perf_counter()
             samples = data.next_batch(B)
@@ -89,43 +142,106 @@ def train(cfg) -> None:
             # Rollout + reward (overlapped): G answers per prompt, each group scored as it arrives.
             rollouts, rewards, timings = generate_and_score(
                 workers, reward_pool, samples, G, size, chunk_size=max(1, B // (2 * len(workers))),
-                timeout_s=cfg.cluster.call_timeout_s)
+                timeout_s=timeout, seed=cfg.train.seed * 1_000_003 + step)
 
             # Advantages: rewards normalised within each group of G answers to the same prompt.
             totals = torch.tensor([r["total"] for s in samples for r in rewards[s.id]])
             advantages = group_advantages(totals, G, scale=cfg.learner.adv_scale)
             batch = [{"sample_id": s.id, "prompt": ro["prompt"], "image": s.model_image(size),
-                      "response_ids": resp["token_ids"], "logprobs": resp["logprobs"]}
-                     for s, ro in zip(samples, rollouts) for resp in ro["responses"]]
-            for seq, adv in zip(batch, advantages.tolist()):
-                seq["advantage"] = adv
+                      "response_ids": resp["token_ids"], "logprobs": resp["logprobs"], "advantage": adv}
+                     for s, ro, group_adv in zip(samples, rollouts, advantages.view(-1, G).tolist())
+                     for resp, adv in zip(ro["responses"], group_adv)]
 
             # Learner: one GRPO step over the whole batch, split across ranks (global token count).
             t0 = time.perf_counter()
-            shards = [batch[r::len(learners)] for r in range(len(learners))]
-            num_tokens = sum(len(seq["response_ids"]) for seq in batch)
-            learner_metrics = ray.get([l.train_step.remote(shard, num_tokens, len(batch))
-                                       for l, shard in zip(learners, shards)],
-                                      timeout=cfg.cluster.call_timeout_s)[0]
+            learner_metrics = all_ranks(learners, "train_step", batch, timeout, with_seqs=True)
             timings["time/learner"] = time.perf_counter() - t0
 
-            # Weight sync: the next rollout samples from the updated policy (version = step).
-            timings.update(broadcast_weights(learners, workers, step, cfg.cluster.sync_bucket_mb << 20,
-                                             cfg.cluster.sync_timeout_s))
+            # Weight sync: the next rollout samples from the updated policy.
+            version = sft_done + step
+            timings.update(sync(version))
 
             timings["time/step"] = time.perf_counter() - t_step
             metrics = {**step_metrics(samples, rewards, rollouts, advantages), **learner_metrics, **timings,
-                       "perf/samples_per_s": len(batch) / timings["time/step"], "weight_version": step}
-            mlflow.log_metrics({k.replace("@", "_"): float(v) for k, v in metrics.items()}, step=step)
+                       "perf/samples_per_s": len(batch) / timings["time/step"], "weight_version": version,
+                       **{f"reward_pool/{k}": v for k, v in reward_pool.stats(reset=True).items()
+                          if isinstance(v, (int, float))}}
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
             bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", step_s=f"{timings['time/step']:.1f}")
 
+            if cfg.eval.enabled and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
+                log_eval(cfg, workers, eval_samples, out, step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                save_checkpoint()
+        bar.close()
+
+        # 6. The end: held-out evaluation, checkpoint, the policy as an HF directory in MLflow.
+        if cfg.eval.enabled:
+            log_eval(cfg, workers, eval_samples, out, step)
+        save_checkpoint()
         if cfg.tracking.log_model:
             final = out / "final_policy"
-            ray.get(learners[0].export_hf.remote(str(final)), timeout=cfg.cluster.call_timeout_s)
+            ray.get([l.export_hf.remote(str(final)) for l in learners], timeout=timeout)
             mlflow.log_artifacts(str(final), artifact_path="final_policy")
             log.info("final policy: %s (logged to MLflow run %s)", final, run.info.run_id)
     if where == "local":
         ray.shutdown()
+
+
+def all_ranks(learners: list, method: str, batch: list[dict], timeout: float, with_seqs: bool = False) -> dict:
+    """Calls a collective learner method on every rank with its shard (the whole batch's token count
+    passed to all); every rank returns the same whole-batch metrics."""
+    import ray
+
+    shards = [batch[r::len(learners)] for r in range(len(learners))]
+    num_tokens = sum(len(seq["response_ids"]) for seq in batch)
+    extra = (len(batch),) if with_seqs else ()
+    return ray.get([getattr(l, method).remote(shard, num_tokens, *extra) for l, shard in zip(learners, shards)],
+                   timeout=timeout)[0]
+
+
+def log_eval(cfg, workers, samples, out: Path, step: int) -> dict:
+    """Held-out gIoU/cIoU of the current policy, logged as eval/* at this step, with overlay pictures."""
+    import mlflow
+
+    from cluster.evaluation import evaluate_policy
+
+    t0 = time.perf_counter()
+    result = evaluate_policy(cfg, workers, samples, str(out / "eval" / f"step_{step:06d}"))
+    metrics = {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
+    metrics["time/eval"] = time.perf_counter() - t0
+    mlflow.log_metrics(metrics, step=step)
+    for path in result["overlays"]:
+        mlflow.log_artifact(path, artifact_path=f"eval/step_{step:06d}")
+    log.info("eval at step %d: gIoU %.4f cIoU %.4f (segzero convention), parse failures %.1f%%", step,
+             result["giou_segzero"], result["ciou_segzero"], 100 * result["parse_failure_rate"])
+    return result
+
+
+def chat_text(problem: str) -> str:
+    from policy.prompt import chat_prompt
+
+    return chat_prompt(problem)
+
+
+def reference_tokenizer(policy_path: str):
+    """text -> token ids of the reference answer followed by the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    return lambda text: tok.encode(text, add_special_tokens=False) + [end]
+
+
+def held_out_samples(eval_path: str, n: int) -> list:
+    from data.dataset import ParquetSource
+
+    samples = []
+    for sample in ParquetSource(eval_path, shuffle=False).iter_epoch():
+        if len(samples) == n:
+            break
+        samples.append(sample)
+    return samples
 
 
 def prepare_policy(cfg) -> str:

@@ -23,12 +23,14 @@ def reward_group(sample: Sample, rollout: dict, model_size: int) -> dict:
 
 
 def generate_and_score(workers: list, reward_pool, samples: list[Sample], group_size: int,
-                       model_size: int, chunk_size: int, timeout_s: float) -> tuple[list[dict], dict, dict]:
+                       model_size: int, chunk_size: int, timeout_s: float,
+                       seed: int | None = None) -> tuple[list[dict], dict, dict]:
     """Generate ``group_size`` answers for every sample and score them.
 
     Returns (rollouts in sample order, rewards {sample_id: [per-answer dict]}, timings). Chunks of
     ``chunk_size`` prompts are spread round-robin over the workers; as soon as a chunk comes back its
-    groups are submitted to the reward pool.
+    groups are submitted to the reward pool. ``seed`` (one per step) reseeds the sampling of each
+    chunk (seed + chunk index), so a resumed run draws the same answers as an uninterrupted one.
     """
     t0 = time.perf_counter()
     by_id = {s.id: s for s in samples}
@@ -36,7 +38,8 @@ def generate_and_score(workers: list, reward_pool, samples: list[Sample], group_
     pending = {}
     for i, chunk in enumerate(chunks):
         prompts = [{"sample_id": s.id, "problem": s.problem, "image": s.model_image(model_size)} for s in chunk]
-        pending[workers[i % len(workers)].generate.remote(prompts, group_size)] = chunk
+        chunk_seed = None if seed is None else seed + i
+        pending[workers[i % len(workers)].generate.remote(prompts, group_size, seed=chunk_seed)] = chunk
     rollouts: dict[str, dict] = {}
     deadline = time.monotonic() + timeout_s
     while pending:

@@ -29,7 +29,9 @@ def connect(cfg: Config) -> str:
         return "existing"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false",
+           # vLLM's per-request INFO lines drown the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return address

@@ -341,6 +341,15 @@ class Learner:
         if self.world_size > 1:
             dist.barrier()
 
+    def set_lr(self, lr: float) -> None:
+        """Sets the base learning rate (the warm-up schedule still applies): the warm start uses
+        train.sft_lr, GRPO learner.lr, on the same engine and optimizer."""
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, ckpt_dir: str | Path, client_state: dict | None = None) -> None:

@@ -70,6 +70,16 @@ class WeightSyncExtension:
             finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
         self._loaded_weight_version = version
 
+    def reseed(self, seed: int) -> None:
+        """Reseeds the generators the sampler draws from when requests carry no seed of their own."""
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
     def weight_version(self) -> int:
         """Version passed to the last ``end_weight_load`` (0: the weights the engine started with)."""
         return getattr(self, "_loaded_weight_version", 0)

@@ -87,7 +87,7 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[dict], n: int, max_new_tokens: int | None = None,
-                 temperature: float | None = None, greedy: bool = False) -> list[dict]:
+                 temperature: float | None = None, greedy: bool = False, seed: int | None = None) -> list[dict]:
         """n sampled answers per prompt ({"sample_id", "problem", "image": PIL at model size}).
 
         Returns one dict per prompt, in order: {"sample_id", "prompt" (chat text), "prompt_ids"
@@ -98,8 +98,10 @@ class RolloutWorker:
         at temperature 1 (vLLM raw_logprobs), the quantity the learner recomputes; it equals the
         sampling distribution's when temperature = top_p = 1 (Seg-Zero's setting).
 
-        Randomness comes from the engine seed: vLLM's CPU build crashes on per-request seeds
-        ("CPU Generator does not use offset"), so none are set.
+        Randomness comes from the engine's generator: vLLM's CPU build crashes on per-request seeds
+        ("CPU Generator does not use offset"), so none are set; ``seed`` reseeds the engine's workers
+        before this batch instead, so that the same weights and prompts give the same answers (the
+        driver passes one per step: a resumed run samples what the uninterrupted one did).
         """
         from vllm import SamplingParams
 
@@ -107,6 +109,8 @@ class RolloutWorker:
             raise RuntimeError("a weight update is open: call commit_weights(version) before generating")
         if greedy and n != 1:
             raise ValueError(f"greedy decoding gives one answer per prompt: n must be 1, got {n}")
+        if seed is not None:
+            self.llm.collective_rpc("reseed", args=(seed,))
         r = self.cfg.rollout
         params = SamplingParams(
             n=n, max_tokens=max_new_tokens or r.max_new_tokens, logprobs=0,
