@@ -73,6 +73,10 @@ def train(cfg, resume: str | None = None) -> None:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.resolve(resume or None, out) if resume is not None else None  # fail before start-up
+    log.info("outputs: %s", out.resolve())
+    if "runtime_resources" in str(out.resolve()):
+        log.warning("train.output_dir is inside the Ray job's temporary working dir; set train.output_dir="
+                    "/an/absolute/path (and tracking.mlflow_uri) to keep checkpoints and the MLflow store")
     B, G, size = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.model.image_size
     timeout = cfg.cluster.call_timeout_s
 
