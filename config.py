@@ -81,6 +81,9 @@ class RolloutConfig(Section):
         "rpc", description="How learner weights reach vLLM: rpc = HF-named tensors through vLLM's "
         "collective_rpc (CPU, or a learner on the same node); nccl = vLLM's NCCL weight transfer, broadcast "
         "from learner rank 0 to every rollout GPU (GPU only).")
+    off_policy: bool = Field(
+        False, description="One-step off-policy: rollouts for step t+1 run while the learner trains step t "
+        "(staleness bounded to one weight version; the PPO ratio uses the sampling logprobs).")
     enable_sleep_mode: bool = Field(
         False, description="GPU only: let rollout workers sleep() (free GPU memory) while a learner on the "
         "same GPUs trains, and wake_up() before generating.")
@@ -162,6 +165,7 @@ class ResourcesConfig(Section):
 class ClusterConfig(Section):
     address: Optional[str] = Field(
         None, description="Ray address. Empty: join the cluster the job was submitted to, else start a local one.")
+    job_name: str = Field("seg-grpo", description="Name of the job's controller actor (cluster.scale / cluster.status --job).")
     rollout_workers: int = Field(1, ge=1, description="Number of vLLM rollout actors.")
     reward_workers: int = Field(1, ge=1, description="Number of reward (segmenter) actors.")
     learner_ranks: int = Field(1, ge=1, description="Number of DeepSpeed learner ranks (one actor each).")

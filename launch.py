@@ -60,9 +60,9 @@ def train(cfg, resume: str | None = None) -> None:
     from tqdm import tqdm
 
     from cluster import checkpoint
-    from cluster.evaluation import evaluate_policy
+    from cluster.controller import start_controller
     from cluster.reward_pool import RewardPool
-    from cluster.rollout import generate_and_score
+    from cluster.rollout import RolloutRound
     from cluster.start import connect, start_learners, start_rollout_workers
     from cluster.topology import format_topology, topology
     from cluster.tracking import start_run
@@ -86,38 +86,51 @@ def train(cfg, resume: str | None = None) -> None:
     data = ParquetSource(train_path, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     eval_samples = held_out_samples(eval_path, cfg.eval.num_samples)
 
-    # 2. The actors: learner ranks, rollout workers (vLLM), reward pool (segmenter workers).
+    # 2. The actors: learner ranks, rollout workers (vLLM), reward pool (segmenter workers), and the
+    #    named controller that cluster.scale / cluster.status talk to.
     where = connect(cfg)
     log.info("ray: %s, resources %s", where, ray.cluster_resources())
+    controller = start_controller(cfg.cluster.job_name)
     learners = start_learners(cfg, policy_path)
     workers = start_rollout_workers(cfg, policy_path, cfg.cluster.rollout_workers)
     reward_pool = RewardPool(cfg.reward, cfg.cluster.reward_workers, cfg.cluster.reward.model_dump(), timeout)
     t0 = time.perf_counter()
     ray.get([a.__ray_ready__.remote() for a in learners + workers], timeout=cfg.cluster.startup_timeout_s)
-    log.info("actors ready in %.1f s; topology:\n%s", time.perf_counter() - t0,
-             format_topology(topology({"learner": learners, "rollout": workers,
-                                       "reward": [w.actor for w in reward_pool.workers]})))
+    places = topology({"learner": learners, "rollout": workers, "reward": [w.actor for w in reward_pool.workers]})
+    log.info("actors ready in %.1f s; topology:\n%s", time.perf_counter() - t0, format_topology(places))
     if cfg.reward.mask_iou != "off" and cfg.reward.segmenter == "grabcut":
         log.info("mask reward: OpenCV GrabCut (weight-free stand-in for SAM2; set reward.segmenter=sam2 "
                  "reward.sam2_checkpoint=PATH for production masks)")
-    sync = lambda version: broadcast_weights(learners, workers, version, cfg.cluster.sync_bucket_mb << 20,  # noqa: E731
-                                             cfg.cluster.sync_timeout_s)
+    version = 0  # the learner's weight version: one per optimizer step (warm start and GRPO)
+
+    def sync(to: list | None = None) -> dict:
+        return broadcast_weights(learners, workers if to is None else to, version,
+                                 cfg.cluster.sync_bucket_mb << 20, cfg.cluster.sync_timeout_s)
 
     # 3. Resume: learner state from DeepSpeed, driver state (data position, step, RNG, MLflow run).
     step, sft_done, run_id = 0, 0, None
-    if resume is not None:
+    if ckpt is not None:
         ray.get([l.load_checkpoint.remote(str(ckpt)) for l in learners], timeout=timeout)
         state = checkpoint.load_driver_state(ckpt)
         data.load_state_dict(state["data"])
-        step, sft_done, run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
-        sync(state["weight_version"])
+        step, sft_done, run_id, version = state["step"], state["sft_done"], state["mlflow_run_id"], state["weight_version"]
+        sync()
         log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, step, sft_done, run_id)
+    data_state = data.state_dict()  # position of the first batch not yet trained on (for checkpoints)
 
     def save_checkpoint():
         path = checkpoint.save(out, step, learners, {
-            "step": step, "sft_done": sft_done, "weight_version": step + sft_done, "data": data.state_dict(),
+            "step": step, "sft_done": sft_done, "weight_version": version, "data": data_state,
             "mlflow_run_id": run.info.run_id}, cfg.train.keep_checkpoints, timeout)
         log.info("checkpoint: %s", path)
+
+    def new_round(for_step: int) -> RolloutRound:
+        nonlocal data_state
+        data_state = data.state_dict()
+        return RolloutRound(workers, reward_pool, data.next_batch(B), G, size,
+                            chunk_size=max(1, B // (2 * len(workers))), timeout_s=timeout,
+                            seed=cfg.train.seed * 1_000_003 + for_step, resync=lambda w: sync([w]),
+                            weight_version=version).start()
 
     with start_run(cfg, run_id) as run:
         log.info("mlflow run %s at %s", run.info.run_id, mlflow.get_tracking_uri())
@@ -133,20 +146,27 @@ def train(cfg, resume: str | None = None) -> None:
                 metrics = all_ranks(learners, "sft_step", batch, timeout)
                 mlflow.log_metrics({f"sft/{k}": float(v) for k, v in metrics.items()}, step=sft_done)
             ray.get([l.set_lr.remote(cfg.learner.lr) for l in learners], timeout=timeout)
-            sync(sft_done)
+            version = sft_done
+            sync()
+            data_state = data.state_dict()
         if cfg.eval.enabled and step == 0:
             log_eval(cfg, workers, eval_samples, out, 0)
 
         # 5. GRPO.
         bar = tqdm(range(step + 1, cfg.train.steps + 1), desc="grpo", unit="step", initial=step, total=cfg.train.steps)
+        next_round = None  # one-step off-policy: the next step's rollouts, generated during this step
         for step in bar:
             t_step = time.perf_counter()
-            samples = data.next_batch(B)
 
             # Rollout + reward (overlapped): G answers per prompt, each group scored as it arrives.
-            rollouts, rewards, timings = generate_and_score(
-                workers, reward_pool, samples, G, size, chunk_size=max(1, B // (2 * len(workers))),
-                timeout_s=timeout, seed=cfg.train.seed * 1_000_003 + step)
+            this_round = next_round or new_round(step)
+            rollouts, rewards, timings = this_round.finish()
+            samples = this_round.samples
+            staleness = version - min(ro["weight_version"] for ro in rollouts)
+
+            # Operators' requests (python -m cluster.scale) apply here, between rounds.
+            workers = apply_scaling(cfg, ray.get(controller.take_requests.remote(), timeout=timeout),
+                                    workers, reward_pool, policy_path, sync)
 
             # Advantages: rewards normalised within each group of G answers to the same prompt.
             totals = torch.tensor([r["total"] for s in samples for r in rewards[s.id]])
@@ -157,21 +177,39 @@ def train(cfg, resume: str | None = None) -> None:
                      for resp, adv in zip(ro["responses"], group_adv)]
 
             # Learner: one GRPO step over the whole batch, split across ranks (global token count).
+            # Off-policy mode generates the next step's answers meanwhile, with the weights before it.
             t0 = time.perf_counter()
-            learner_metrics = all_ranks(learners, "train_step", batch, timeout, with_seqs=True)
+            learner_refs = all_ranks(learners, "train_step", batch, timeout, with_seqs=True, wait=False)
+            next_round = new_round(step + 1) if cfg.rollout.off_policy and step < cfg.train.steps else None
+            deadline = time.monotonic() + timeout
+            while next_round and time.monotonic() < deadline and ray.wait(
+                    learner_refs, num_returns=len(learner_refs), timeout=0.1)[1]:
+                next_round.pump()  # finished groups go to the reward pool while the learner trains
+            learner_metrics = ray.get(learner_refs, timeout=max(1.0, deadline - time.monotonic()))[0]
             timings["time/learner"] = time.perf_counter() - t0
 
             # Weight sync: the next rollout samples from the updated policy.
-            version = sft_done + step
-            timings.update(sync(version))
+            version += 1
+            timings.update(sync())
 
             timings["time/step"] = time.perf_counter() - t_step
+            pool = reward_pool.stats(reset=True)
             metrics = {**step_metrics(samples, rewards, rollouts, advantages), **learner_metrics, **timings,
-                       "perf/samples_per_s": len(batch) / timings["time/step"], "weight_version": version,
-                       **{f"reward_pool/{k}": v for k, v in reward_pool.stats(reset=True).items()
-                          if isinstance(v, (int, float))}}
+                       "perf/samples_per_s": len(batch) / timings["time/step"],
+                       "perf/tokens_per_s": learner_metrics.get("tokens", 0) / timings["time/step"],
+                       "weight_version": version, "rollout/staleness": staleness,
+                       "batch/prompts": len({s.id for s in samples}), "batch/sequences": len(batch),
+                       "pool/rollout_workers": len(workers), "pool/reward_workers": pool["num_workers"],
+                       "pool/reward_samples_per_s": pool["samples_per_s"]}
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", step_s=f"{timings['time/step']:.1f}")
+            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", gen=f"{timings['time/generate']:.1f}s",
+                            learn=f"{timings['time/learner']:.1f}s", sync=f"{timings['time/sync']:.1f}s")
+            controller.publish.remote({
+                "step": step, "steps": cfg.train.steps, "phase": "grpo", "weight_version": version,
+                "topology": places, "rollout_versions": ray.get(
+                    [w.__ray_call__.remote(lambda self: self.weight_version) for w in workers], timeout=timeout),
+                "reward_inflight": [w["inflight"] for w in pool["workers"]],
+                "last_step": {k: v for k, v in timings.items() if k.startswith("time/")}})
 
             if cfg.eval.enabled and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
                 log_eval(cfg, workers, eval_samples, out, step)
@@ -182,6 +220,7 @@ def train(cfg, resume: str | None = None) -> None:
         # 6. The end: held-out evaluation, checkpoint, the policy as an HF directory in MLflow.
         if cfg.eval.enabled:
             log_eval(cfg, workers, eval_samples, out, step)
+        data_state = data.state_dict()
         save_checkpoint()
         if cfg.tracking.log_model:
             final = out / "final_policy"
@@ -192,16 +231,41 @@ def train(cfg, resume: str | None = None) -> None:
         ray.shutdown()
 
 
-def all_ranks(learners: list, method: str, batch: list[dict], timeout: float, with_seqs: bool = False) -> dict:
+def apply_scaling(cfg, requested: dict, workers: list, reward_pool, policy_path: str, sync) -> list:
+    """Resizes the pools between steps; new rollout workers get the current weights before they generate."""
+    import ray
+
+    from cluster.start import start_rollout_workers
+
+    if "reward_workers" in requested and requested["reward_workers"] != len(reward_pool.workers):
+        log.info("scaling reward workers %d -> %d", len(reward_pool.workers), requested["reward_workers"])
+        reward_pool.resize(requested["reward_workers"])
+    n = requested.get("rollout_workers", len(workers))
+    if n > len(workers):
+        log.info("scaling rollout workers %d -> %d", len(workers), n)
+        new = start_rollout_workers(cfg, policy_path, n - len(workers), first_index=len(workers))
+        ray.get([w.__ray_ready__.remote() for w in new], timeout=cfg.cluster.startup_timeout_s)
+        sync(new)
+        workers = workers + new
+    elif n < len(workers):
+        log.info("scaling rollout workers %d -> %d", len(workers), n)
+        for w in workers[n:]:
+            ray.kill(w)
+        workers = workers[:n]
+    return workers
+
+
+def all_ranks(learners: list, method: str, batch: list[dict], timeout: float, with_seqs: bool = False,
+              wait: bool = True):
     """Calls a collective learner method on every rank with its shard (the whole batch's token count
-    passed to all); every rank returns the same whole-batch metrics."""
+    passed to all); every rank returns the same whole-batch metrics (wait=False: the object refs)."""
     import ray
 
     shards = [batch[r::len(learners)] for r in range(len(learners))]
     num_tokens = sum(len(seq["response_ids"]) for seq in batch)
     extra = (len(batch),) if with_seqs else ()
-    return ray.get([getattr(l, method).remote(shard, num_tokens, *extra) for l, shard in zip(learners, shards)],
-                   timeout=timeout)[0]
+    refs = [getattr(l, method).remote(shard, num_tokens, *extra) for l, shard in zip(learners, shards)]
+    return ray.get(refs, timeout=timeout)[0] if wait else refs
 
 
 def log_eval(cfg, workers, samples, out: Path, step: int) -> dict:

@@ -13,6 +13,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.controller import NAMESPACE
 from config import REPO, Config, ResourcesConfig
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,13 @@ def connect(cfg: Config) -> str:
            # vLLM's per-request INFO lines drown the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, namespace=NAMESPACE)
         return address
     c = cfg.cluster
     need = (c.rollout_workers * c.rollout.num_cpus + c.reward_workers * c.reward.num_cpus
             + c.learner_ranks * c.learner.num_cpus)
     ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env={"env_vars": env}, log_to_driver=True, namespace=NAMESPACE)
     return "local"
 
 

@@ -235,8 +235,15 @@ class Learner:
             logp, entropy = self._forward(self.engine, batch, with_entropy=True)
             if lc.entropy_coef == 0:
                 entropy = entropy.detach()  # metric only: free its graph now
+            sampled = torch.zeros_like(mask)
+            for i, s in enumerate(chunk if real else []):
+                n = min(len(s["logprobs"]), sampled.shape[1])
+                sampled[i, :n] = torch.as_tensor(list(s["logprobs"][:n]), dtype=sampled.dtype)
+            # On-policy the sampling policy is the current one (ratio 1); one-step off-policy rollouts
+            # came from the previous weights, so the ratio is taken against their sampling logprobs.
+            old_logp = sampled if self.cfg.rollout.off_policy else logp.detach()
             loss, m = policy_loss(
-                logp, logp.detach(), adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, agg=lc.loss_agg,
+                logp, old_logp, adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, agg=lc.loss_agg,
                 ref_logp=ref_logp, kl_coef=lc.kl_coef, kl_kind=lc.kl_kind, entropy=entropy,
                 entropy_coef=lc.entropy_coef, clip_ratio_c=lc.clip_ratio_c, num_tokens=num_tokens,
                 num_seqs=num_seqs, max_len=self.cfg.rollout.max_new_tokens)
@@ -249,10 +256,6 @@ class Learner:
                 else:
                     sums[k] += v.item()
             if real:
-                sampled = torch.zeros_like(mask)
-                for i, s in enumerate(chunk):
-                    n = min(len(s["logprobs"]), sampled.shape[1])
-                    sampled[i, :n] = torch.as_tensor(list(s["logprobs"][:n]), dtype=sampled.dtype)
                 sums["drift_sum"] += ((logp.detach() - sampled).abs() * mask).sum().item()
         metrics = self._finish_step(sums, maxes)
         metrics["logprob_drift"] = metrics.pop("drift_sum", 0.0) / max(num_tokens, 1.0)

@@ -1,0 +1,55 @@
+"""The job's named controller actor: the address operators talk to while a job runs.
+
+The driver publishes its status after every step and applies scaling requests between steps;
+``python -m cluster.scale`` and ``python -m cluster.status`` find the actor by name
+(``cluster.job_name`` in namespace ``seg-grpo``) on the job's Ray cluster.
+"""
+from __future__ import annotations
+
+import ray
+
+NAMESPACE = "seg-grpo"
+
+
+@ray.remote(num_cpus=0)
+class JobController:
+    def __init__(self):
+        self.requested: dict[str, int] = {}
+        self.state: dict = {}
+
+    def request(self, rollout_workers: int | None = None, reward_workers: int | None = None) -> dict:
+        """Ask for new pool sizes; applied by the driver between steps."""
+        for name, value in (("rollout_workers", rollout_workers), ("reward_workers", reward_workers)):
+            if value is not None:
+                if value < 1:
+                    raise ValueError(f"{name} must be >= 1, got {value}")
+                self.requested[name] = int(value)
+        return dict(self.requested)
+
+    def take_requests(self) -> dict[str, int]:
+        requested, self.requested = self.requested, {}
+        return requested
+
+    def publish(self, state: dict) -> None:
+        self.state = state
+
+    def status(self) -> dict:
+        return {**self.state, "pending_requests": dict(self.requested)}
+
+
+def start_controller(job_name: str):
+    """The job's controller; a stale one of a finished job with the same name is replaced."""
+    try:
+        ray.kill(ray.get_actor(job_name, namespace=NAMESPACE))
+    except ValueError:
+        pass
+    return JobController.options(name=job_name, namespace=NAMESPACE, lifetime=None).remote()
+
+
+def find_controller(job_name: str, address: str | None):
+    """Connects to the job's cluster (address, $RAY_ADDRESS or the local one) and finds the controller."""
+    ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    try:
+        return ray.get_actor(job_name, namespace=NAMESPACE)
+    except ValueError:
+        raise SystemExit(f"no running job named {job_name!r} on this Ray cluster (cluster.job_name)") from None
