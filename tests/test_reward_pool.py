@@ -9,6 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # multi-process: a local Ray with reward actors
 
 from cluster.reward_pool import RewardPool  # noqa: E402
 from config import RewardConfig  # noqa: E402
