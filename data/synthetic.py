@@ -115,12 +115,37 @@ def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
     return unique
 
 
+BACKGROUNDS = ("plain", "gradient")
+
+
+def background_pixels(kind: str, image_size: int, grey: int) -> np.ndarray:
+    """Background before shapes, float (H, W, 3).
+
+    plain:    every pixel (grey, grey, grey).
+    gradient: (R, G, B) = (110 + 100 u, 110 + 100 v, 170), u = x / (size - 1), v = y / (size - 1).
+    The gradient is an absolute-position cue: Qwen2.5-VL's vision tower has only relative (rotary)
+    positions and RMS-normalises each patch before the merger, so a position must change the
+    *direction* of a patch's colour, not only its brightness, to survive into the image tokens.
+    """
+    if kind == "plain":
+        return np.full((image_size, image_size, 3), grey, dtype=np.float64)
+    if kind == "gradient":
+        ramp = np.arange(image_size, dtype=np.float64) / max(image_size - 1, 1)
+        image = np.empty((image_size, image_size, 3), dtype=np.float64)
+        image[..., 0] = 110 + 100 * ramp[None, :]
+        image[..., 1] = 110 + 100 * ramp[:, None]
+        image[..., 2] = 170
+        return image
+    raise ValueError(f"background must be one of {BACKGROUNDS}, got {kind!r}")
+
+
 def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int,
-               size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float):
+               size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float,
+               background: str = "plain"):
     """Draws one image; returns (RGB uint8 array, shapes with their masks)."""
     cell = image_size / grid
-    bg = int(rng.integers(200, 246))
-    image = np.full((image_size, image_size, 3), bg, dtype=np.float64)
+    grey = int(rng.integers(200, 246))  # drawn for every background so the rest of the stream is shared
+    image = background_pixels(background, image_size, grey)
     if rng.random() < noise:
         image += rng.normal(0.0, 6.0, size=image.shape)
     n = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
@@ -144,19 +169,20 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
 
 def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
                   jitter: int = 0, size_range: tuple[int, int] = (6, 12), num_shapes: tuple[int, int] = (2, 4),
-                  noise: float = 0.5, kinds=KINDS) -> dict:
+                  noise: float = 0.5, kinds=KINDS, background: str = "plain") -> dict:
     """Row ``index`` of the synthetic set (DESIGN §4 schema plus ``reasoning`` and ``kind``).
 
     grid: cells per side (default image_size // 28, one cell per merged patch); jitter: max offset in
     px of a shape's centre from its cell centre; size_range: half-extent of shapes in px; noise:
-    probability of Gaussian (std 6) background noise; kinds: query kinds to draw from (uniformly).
+    probability of Gaussian (std 6) background noise; kinds: query kinds to draw from (uniformly);
+    background: "plain" (grey) or "gradient" (an absolute-position cue, see ``background_pixels``).
     """
     grid = grid or max(image_size // 28, 2)
     if grid * grid < num_shapes[1]:
         raise ValueError(f"a {grid}x{grid} grid cannot hold {num_shapes[1]} shapes")
     rng = np.random.default_rng([seed, index])
     while True:  # resample the scene until some allowed query is unambiguous (almost always the first)
-        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise)
+        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise, background)
         candidates = candidate_queries(shapes, kinds)
         if candidates:
             break

@@ -46,11 +46,30 @@ def _byte_level_tokenizer():
     return tok
 
 
+def number_code_rows(count: int, hidden_size: int, image_size: int, amplitude: float = 0.06):
+    """Fourier code of the integers 0..count-1: row n = amplitude * [cos(w_k n), sin(w_k n)]_k.
+
+    K = hidden_size // 8 frequencies, periods geometric from 6 px to 4 * image_size. Used as the start
+    of both the input and the output embedding of number token n, the logit of number n for a hidden
+    state equal to the code of m is amplitude^2 * sum_k cos(w_k (n - m)): peaked at n = m, so copying
+    or nudging a coordinate is easy to learn. The amplitude matches the norm of HF's random rows
+    (std 0.02) for hidden 128.
+    """
+    import torch
+
+    k = max(hidden_size // 8, 1)
+    periods = torch.logspace(torch.log10(torch.tensor(6.0)), torch.log10(torch.tensor(4.0 * image_size)), k)
+    angles = torch.arange(count, dtype=torch.float32)[:, None] * (2 * torch.pi / periods)[None, :]
+    return amplitude * torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
 def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size: int = 128,
                       layers: int = 2, heads: int = 2, vision_hidden_size: int = 64,
-                      vision_layers: int = 1, seed: int = 0) -> Path:
+                      vision_layers: int = 1, seed: int = 0, number_code: bool = False) -> Path:
     """Writes config, random weights (safetensors), tokenizer, processor and chat template to out_dir.
 
+    number_code: initialise the number tokens' input and output embeddings with a Fourier code of their
+    value (``number_code_rows``) instead of noise, so that nearby numbers start out similar.
     Idempotent: an existing complete directory built with the same settings is reused.
     """
     import torch
@@ -61,6 +80,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     out = Path(out_dir)
     settings = dict(image_size=image_size, hidden_size=hidden_size, layers=layers, heads=heads,
                     vision_hidden_size=vision_hidden_size, vision_layers=vision_layers, seed=seed)
+    if number_code:  # only when set, so directories built before the option existed stay valid
+        settings["number_code"] = True
     marker = out / "tiny_policy.json"
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "model.safetensors").exists():
         return out
@@ -98,6 +119,15 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    if number_code:
+        # "0".."9" are byte tokens already, "10".."1023" added ones: look every id up, not a range
+        number_ids = torch.tensor([backend.token_to_id(t) for t in NUMBER_TOKENS])
+        code = number_code_rows(len(NUMBER_TOKENS), hidden_size, image_size)
+        with torch.no_grad():
+            for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+                rows = table[number_ids] * 0.5
+                rows[:, :code.shape[1]] += code
+                table[number_ids] = rows
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
