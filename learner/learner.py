@@ -296,24 +296,40 @@ class Learner:
 
     # ------------------------------------------------------------------ weights out
 
-    def weight_buckets(self, bucket_bytes: int, trainable_only: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Yields lists of (HF checkpoint name, CPU tensor) of about bucket_bytes each, in module order.
+    def _synced_params(self, trainable_only: bool) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
+
+    def weight_metadata(self, trainable_only: bool = True) -> list[tuple[str, str, list[int]]]:
+        """[(HF checkpoint name, dtype name, full shape)] in weight_buckets order, without gathering
+        anything (what a receiver must know before a broadcast; same format as
+        rollout.vllm_extension.tensor_metadata). Local, not collective."""
+        return [(self.hf_names[n], str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+                for n, p in self._synced_params(trainable_only)]
+
+    def weight_buckets(self, bucket_bytes: int, trainable_only: bool = True,
+                       device: str | torch.device = "cpu") -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yields lists of (HF checkpoint name, tensor) of about bucket_bytes each, in module order.
 
         trainable_only: skip frozen parameters (the vision tower with learner.freeze_vision).
-        Under ZeRO-3 each bucket's parameters are gathered, copied to CPU and released before the next
-        bucket (never the whole model at once); this is collective, so every rank must iterate the
-        generator concurrently. Only rank 0 receives tensors; other ranks get one empty list per bucket.
+        Tensors are detached, contiguous copies on ``device`` (CPU by default; the learner's own
+        device for a GPU-to-GPU broadcast). Under ZeRO-3 each bucket's parameters are gathered,
+        copied and released before the next bucket (never the whole model at once); this is
+        collective, so every rank must iterate the generator concurrently. Only rank 0 receives
+        tensors; other ranks get one empty list per bucket.
         """
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
         zero3 = self.cfg.learner.zero_stage == 3
-        for bucket in plan_buckets(params, bucket_bytes):
+
+        def copy(bucket):
+            return [(self.hf_names[n], p.detach().to(device, copy=True).contiguous()) for n, p in bucket]
+
+        for bucket in plan_buckets(self._synced_params(trainable_only), bucket_bytes):
             tensors = []
             if zero3:
                 with GatheredParameters([p for _, p in bucket], modifier_rank=None):
                     if self.rank == 0:
-                        tensors = [(self.hf_names[n], p.detach().to("cpu", copy=True).contiguous()) for n, p in bucket]
+                        tensors = copy(bucket)
             elif self.rank == 0:
-                tensors = [(self.hf_names[n], p.detach().to("cpu", copy=True).contiguous()) for n, p in bucket]
+                tensors = copy(bucket)
             yield tensors
 
     def export_hf(self, out_dir: str | Path) -> None:

@@ -56,6 +56,16 @@ def learner_config(stage: int = 2, **learner) -> Config:
     return cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads mostly wait for each other
+    (measured here: the same forward/backward 3-6x slower in wall time with 2 threads than with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", layers=2)
@@ -115,8 +125,11 @@ def test_weight_buckets_every_param_once_in_order(learner, policy_dir):
         if bucket_bytes == 1 << 40:
             assert len(buckets) == 1
     # Untrained learner: the tensors are the checkpoint's, bit for bit.
-    for k, t in _all_weights(learner).items():
+    weights = _all_weights(learner)
+    for k, t in weights.items():
         assert torch.equal(t, original[k]), k
+    meta = learner.weight_metadata(trainable_only=False)
+    assert meta == [(k, str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in weights.items()]
 
 
 def test_train_step_moves_logprobs_along_advantages(learner):
@@ -149,9 +162,26 @@ def test_train_step_moves_logprobs_along_advantages(learner):
     assert m2["lr"] == pytest.approx(2e-3 / 3)
 
 
+def test_off_policy_ratio_uses_sampling_logprobs(learner):
+    samples = make_samples(3, seed=9)
+    for s, lp in zip(samples, learner.logprobs(samples)):
+        s["logprobs"] = [x + 0.1 for x in lp]  # sampled by weights that liked these tokens a bit more
+    learner.cfg.rollout.off_policy = True
+    try:
+        m = learner.train_step(samples)
+    finally:
+        learner.cfg.rollout.off_policy = False
+    assert m["ratio_mean"] == pytest.approx(np.exp(-0.1), abs=1e-4)  # exp(logp - sampled logp)
+    assert m["ratio_max"] == pytest.approx(np.exp(-0.1), abs=1e-4) and m["clip_frac"] == 0.0
+
+
 def test_sft_steps_lower_nll(learner):
     samples = [s for s in make_samples(4, seed=3) if s["response_ids"]]
-    losses = [learner.sft_step(samples)["loss"] for _ in range(3)]
+    learner.set_lr(5e-4)  # past the warm-up: the step uses exactly this rate
+    metrics = [learner.sft_step(samples) for _ in range(3)]
+    learner.set_lr(1e-3)
+    assert all(m["lr"] == pytest.approx(5e-4) for m in metrics)
+    losses = [m["loss"] for m in metrics]
     nll = -sum(sum(lp) for lp in learner.logprobs(samples)) / sum(len(s["response_ids"]) for s in samples)
     assert losses[0] > losses[1] > losses[2] > nll
 
@@ -200,6 +230,22 @@ def test_export_hf_loads_in_transformers_with_same_logprobs(learner, policy_dir,
         exported = hf_logprobs(model, processor, s)
         assert torch.allclose(exported, torch.tensor(got), atol=1e-5)
         assert not torch.allclose(exported, hf_logprobs(original, processor, s), atol=1e-3)
+
+
+def test_zero3_frozen_vision_with_checkpointing_trains_and_syncs_only_the_language_model(policy_dir):
+    from learner.learner import Learner
+
+    cfg = learner_config(3, freeze_vision=True, gradient_checkpointing=True, kl_coef=0.0, entropy_coef=0.01)
+    frozen = Learner(cfg, str(policy_dir), master_port=_free_port())
+    assert frozen.ref is None  # kl_coef == 0: no reference model at all
+    before = _all_weights(frozen)
+    m = frozen.train_step(make_samples(3, seed=8))
+    assert m["kl"] == 0.0 and m["entropy"] > 0
+    after = _all_weights(frozen)
+    for k in before:
+        assert torch.equal(before[k], after[k]) == k.startswith("visual."), k
+    synced = [k for b in frozen.weight_buckets(100_000) for k, _ in b]
+    assert synced == [k for k in after if not k.startswith("visual.")] and len(synced) > 0
 
 
 def test_deepspeed_config_follows_learner_config():
