@@ -13,8 +13,12 @@ tokens only, so padding on either side does not move any position.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def encode_prompt(processor, prompt: str, image) -> dict[str, Tensor]:
@@ -36,6 +40,8 @@ def collate(processor, samples: list[dict], pad_id: int) -> dict[str, Tensor]:
 
     Returns model kwargs (input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
     logits_to_keep) plus "response_ids" [B, R] and "response_mask" [B, R] (1 on real response tokens).
+    An image/video placeholder token inside a response would make the model look for an image that
+    is not there (a hard error), so it enters the model as padding and its position is masked out.
     """
     prompts = [encode_prompt(processor, s["prompt"], s["image"]) for s in samples]
     responses = [torch.as_tensor(list(s["response_ids"]), dtype=torch.long) for s in samples]
@@ -47,14 +53,19 @@ def collate(processor, samples: list[dict], pad_id: int) -> dict[str, Tensor]:
     mm_types = torch.zeros(B, P + R, dtype=torch.int)
     response_ids = torch.full((B, R), pad_id, dtype=torch.long)
     response_mask = torch.zeros(B, R)
+    placeholders = torch.tensor([processor.image_token_id, processor.video_token_id])
     for i, (p, r) in enumerate(zip(prompts, responses)):
         n = p["input_ids"].numel()
         input_ids[i, P - n:P] = p["input_ids"]
         mm_types[i, P - n:P] = p["mm_token_type_ids"]
         attention_mask[i, P - n:P + r.numel()] = 1
-        input_ids[i, P:P + r.numel()] = r
+        bad = torch.isin(r, placeholders)
+        if bad.any():
+            log.warning("response of sample %s holds %d image/video placeholder tokens: masked out",
+                        samples[i].get("sample_id", i), int(bad.sum()))
+        input_ids[i, P:P + r.numel()] = r.masked_fill(bad, pad_id)
         response_ids[i, :r.numel()] = r
-        response_mask[i, :r.numel()] = 1
+        response_mask[i, :r.numel()] = (~bad).float()
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
         "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),

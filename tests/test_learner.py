@@ -175,6 +175,18 @@ def test_off_policy_ratio_uses_sampling_logprobs(learner):
     assert m["ratio_max"] == pytest.approx(np.exp(-0.1), abs=1e-4) and m["clip_frac"] == 0.0
 
 
+def test_image_placeholder_in_a_response_is_masked_not_fatal(learner):
+    sample = make_samples(1, seed=10)[0]
+    clean = dict(sample, response_ids=sample["response_ids"][:3])
+    image_pad = learner.processor.image_token_id
+    sample["response_ids"] = clean["response_ids"] + [image_pad, 400, 401]
+    sample["logprobs"] = [-7.0] * 6
+    got, want = learner.logprobs([sample, clean])
+    assert len(got) == 6 and got[:3] == pytest.approx(want, abs=1e-5)  # causal: the prefix is unaffected
+    m = learner.train_step([sample])
+    assert m["tokens"] == 6 and np.isfinite(m["loss"])
+
+
 def test_sft_steps_lower_nll(learner):
     samples = [s for s in make_samples(4, seed=3) if s["response_ids"]]
     learner.set_lr(5e-4)  # past the warm-up: the step uses exactly this rate
