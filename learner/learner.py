@@ -109,6 +109,11 @@ class Learner:
             dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size)
         elif dist.get_world_size() != world_size:
             raise RuntimeError(f"torch.distributed already initialised with world size {dist.get_world_size()}")
+        if not on_gpu:
+            # DeepSpeed's CPU backend would compile a shared-memory all-reduce kernel here (~2.5 min on
+            # 2 cores, once per machine) that only tensor-parallel inference uses; training
+            # collectives go through gloo. Marking the op incompatible skips the build.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
         bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu)
