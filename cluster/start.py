@@ -39,7 +39,7 @@ def connect(cfg: Config) -> str:
     c = cfg.cluster
     need = (c.rollout_workers * c.rollout.num_cpus + c.reward_workers * c.reward.num_cpus
             + c.learner_ranks * c.learner.num_cpus)
-    ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
              runtime_env={"env_vars": env}, log_to_driver=True, namespace=NAMESPACE)
     return "local"
 

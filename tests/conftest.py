@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny policy, a synthetic split, and a tiny policy that has memorised one answer
+(so that greedy decoding produces a parseable box and points without a training run)."""
+import pytest
+import torch
+
+from data.dataset import ParquetSource
+from data.synthetic import write_synthetic
+from policy.prompt import chat_prompt
+from policy.tiny import build_tiny_policy
+
+IMAGE_SIZE = 112
+
+
+@pytest.fixture(scope="session")
+def synthetic_split(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("data") / "split.parquet", 6, IMAGE_SIZE, seed=3)
+
+
+@pytest.fixture(scope="session")
+def memorised_policy(tmp_path_factory, synthetic_split):
+    """The tiny policy fine-tuned (plain transformers, ~100 steps) to answer one sample's reference
+    answer; it answers every image with that box and points."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = build_tiny_policy(tmp_path_factory.mktemp("policy") / "memorised", image_size=IMAGE_SIZE, seed=1)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    sample = next(ParquetSource(synthetic_split, shuffle=False).iter_epoch())
+    prompt = processor(text=[chat_prompt(sample.problem)], images=[sample.model_image(IMAGE_SIZE)], return_tensors="pt")
+    answer = processor.tokenizer(sample.reference_answer(IMAGE_SIZE) + "<|im_end|>", add_special_tokens=False,
+                                 return_tensors="pt").input_ids
+    inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], answer], 1),
+                  attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + answer.shape[1], dtype=torch.long))
+    inputs.pop("mm_token_type_ids", None)
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt["input_ids"].shape[1]] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.01:
+            break
+    model.save_pretrained(path)
+    return path, sample
