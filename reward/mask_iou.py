@@ -10,7 +10,6 @@ Modes (config `reward.mask_iou`):
 from __future__ import annotations
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 TIERS = ((0.8, 4.0), (0.7, 3.0), (0.5, 2.0))
 MODE_RANGE = {"off": (0.0, 0.0), "continuous": (0.0, 1.0), "threshold": (0.0, 1.0), "tiered": (0.0, 4.0)}
@@ -38,19 +37,6 @@ def mask_reward(iou: float, mode: str, threshold: float = 0.5) -> float:
     if mode == "off":
         return 0.0
     raise ValueError(f"unknown mask reward mode {mode!r}")
-
-
-def decode_rle(rle) -> np.ndarray:
-    """COCO RLE dict ({"size": [h, w], "counts": str|bytes}) or a list of them -> bool HxW (union)."""
-    rles = rle if isinstance(rle, list) else [rle]
-    if not rles:
-        raise ValueError("empty list of RLE masks")
-    masks = []
-    for r in rles:
-        counts = r["counts"]
-        r = {"size": list(r["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-        masks.append(mask_utils.decode(r).astype(bool))
-    return np.logical_or.reduce(masks)
 
 
 def to_original(boxes, points, model_size: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

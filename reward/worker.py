@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from reward import answer_prompts, rule_rewards
-from reward.mask_iou import decode_rle, mask_iou, mask_reward, to_original
+from data.masks import decode_rle
+from reward.mask_iou import mask_iou, mask_reward, to_original
 from reward.segmenters import make_segmenter
 
 logger = logging.getLogger(__name__)

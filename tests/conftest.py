@@ -31,7 +31,8 @@ def memorised_policy(tmp_path_factory, synthetic_split):
                                  return_tensors="pt").input_ids
     inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], answer], 1),
                   attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + answer.shape[1], dtype=torch.long))
-    inputs.pop("mm_token_type_ids", None)
+    if "mm_token_type_ids" in inputs:  # the answer holds no image tokens (keeps Qwen's 3-D positions)
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
     labels = inputs["input_ids"].clone()
     labels[:, :prompt["input_ids"].shape[1]] = -100
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

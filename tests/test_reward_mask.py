@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from reward.mask_iou import decode_rle, mask_iou, mask_reward, to_original
+from data.masks import decode_rle
+from reward.mask_iou import mask_iou, mask_reward, to_original
 
 
 def rle(mask):
