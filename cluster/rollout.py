@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from data.dataset import Sample
 
@@ -101,7 +101,7 @@ class RolloutRound:
             raise RuntimeError(f"rollout: gave up after {self.max_redos} worker failures in one step; last: {why}")
         log.warning("rollout actor %s; waiting for it, resyncing its weights, redoing its %d prompts",
                     why, len(self.chunks[i]))
-        ray.get(worker.__ray_ready__.remote(), timeout=max(1.0, self.deadline - time.monotonic()))
+        wait_until_alive(worker, self.deadline)
         if self.resync is not None:
             self.resync(worker)
         self._dispatch(i, worker)
@@ -117,3 +117,17 @@ class RolloutRound:
         timings = {"time/generate": self.t_generated - self.t_start, "time/reward_tail": t_end - self.t_generated,
                    "rollout/redone_chunks": self.redos}
         return [self.rollouts[s.id] for s in self.samples], rewards, timings
+
+
+def wait_until_alive(actor, deadline: float) -> None:
+    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
+                               "deadline (cluster.call_timeout_s)")
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=left)
+            return
+        except (ActorUnavailableError, GetTimeoutError):
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

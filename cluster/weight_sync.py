@@ -10,18 +10,30 @@ from __future__ import annotations
 import time
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 
 def broadcast_weights(learners: list, workers: list, version: int, bucket_bytes: int, timeout_s: float) -> dict:
+    """Streams rank 0's weight buckets to every worker's ``load_weights``, then ``commit_weights(version)``
+    on each and checks the versions they report. Raises TimeoutError naming cluster.sync_timeout_s when
+    the whole sync takes longer than ``timeout_s`` (a hung worker or learner)."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout_s
+
+    too_slow = TimeoutError(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
+                            "(cluster.sync_timeout_s): a rollout worker or learner rank is hung")
 
     def left() -> float:
         left_s = deadline - time.monotonic()
         if left_s <= 0:
-            raise TimeoutError(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
-                               "(cluster.sync_timeout_s)")
+            raise too_slow
         return left_s
+
+    def get(refs):
+        try:
+            return ray.get(refs, timeout=left())
+        except GetTimeoutError as exc:
+            raise too_slow from exc
 
     streams = [learner.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for learner in learners]
     loads = []  # per bucket: one load per worker, each returning the bytes it loaded
@@ -29,10 +41,10 @@ def broadcast_weights(learners: list, workers: list, version: int, bucket_bytes:
         loads.append([w.load_weights.remote(bucket_ref) for w in workers])
     for other in streams[1:]:  # ranks > 0 only helped gather; drain their (empty) streams
         for ref in _refs(other, left):
-            ray.get(ref, timeout=left())
-    loaded = [ray.get(refs, timeout=left()) for refs in loads]
+            get(ref)
+    loaded = [get(refs) for refs in loads]
     n_bytes = sum(per_worker[0] for per_worker in loaded)
-    versions = ray.get([w.commit_weights.remote(version) for w in workers], timeout=left())
+    versions = get([w.commit_weights.remote(version) for w in workers])
     bad = [i for i, v in enumerate(versions) if v != version]
     if bad:
         raise RuntimeError(f"weight sync: rollout workers {bad} report versions {[versions[i] for i in bad]}, expected {version}")

@@ -8,7 +8,6 @@ import time
 import mlflow
 import pytest
 import ray
-from ray.util.state import list_actors
 
 from cluster.controller import NAMESPACE
 from config import load_config
@@ -30,10 +29,12 @@ def wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kill_one(class_name: str) -> int:
-    (actor, *_) = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-    os.kill(actor.pid, signal.SIGKILL)  # a crash, as an OOM kill or a lost process would be
-    return actor.pid
+def kill_one(topology: list[dict], role: str) -> int:
+    """SIGKILLs the first actor of a pool (pids from the job's published topology): a crash, as an
+    OOM kill or a lost process would be."""
+    pid = next(row["pid"] for row in topology if row["role"] == role)
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def test_kills_scaling_and_off_policy(tmp_path):
@@ -44,19 +45,23 @@ def test_kills_scaling_and_off_policy(tmp_path):
         f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true",
         "data.synthetic_train_size=32", "data.synthetic_eval_size=2", "eval.enabled=false",
         "tracking.log_model=false", "tracking.system_metrics=false", "cluster.job_name=ops-test"])
+    # Ray's own processes die with the thread that started them: start it here, not in the job's thread.
+    from cluster.start import connect
+    connect(cfg)
     errors = []
     job = threading.Thread(target=lambda: _run(launch, cfg, errors), daemon=True)
     job.start()
-    controller = wait_for(lambda: ray.is_initialized() and ray.get_actor("ops-test", namespace=NAMESPACE),
+    controller = wait_for(lambda: ray.get_actor("ops-test", namespace=NAMESPACE),
                           600, "the job's controller")
     status = lambda: ray.get(controller.status.remote(), timeout=30)  # noqa: E731
-    wait_for(lambda: status().get("step", 0) >= 1, 900, "step 1")
+    topology = wait_for(lambda: status().get("step", 0) >= 1 and status()["topology"], 900, "step 1")
     ray.get(controller.request.remote(None, 2))
-    kill_one("RolloutWorker")
-    kill_one("RewardWorker")
+    kill_one(topology, "rollout")
+    kill_one(topology, "reward")
     wait_for(lambda: status().get("step", 0) >= 4, 900, "step 4")
     ray.get(controller.request.remote(None, 1))
     job.join(timeout=900)
+    ray.shutdown()
     assert not job.is_alive() and not errors, errors
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -72,10 +77,9 @@ def test_kills_scaling_and_off_policy(tmp_path):
     # The logged reward pool size follows the requests: 1, then 2, then back to 1.
     workers = history("pool/reward_workers")
     assert workers[0] == 1 and 2 in workers and workers[-1] == 1
-    assert workers.index(2) < len(workers) - 1 - workers[::-1].index(2) or workers.count(2) >= 1
     # One-step off-policy: no batch was trained with weights more than one version old.
     staleness = history("rollout/staleness")
-    assert max(staleness) <= 1 and staleness[1:] == [1] * (STEPS - 1)
+    assert max(staleness) <= 1 and staleness.count(1) >= STEPS - 2  # a resynced (redone) chunk may be fresher
     assert history("weight_version") == list(range(1, STEPS + 1))
 
 

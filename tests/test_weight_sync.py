@@ -152,9 +152,6 @@ def test_hung_receiver_raises_timeout_error(learners, receivers):
     assert elapsed < timeout_s + 60, f"raised after {elapsed:.0f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="cluster/weight_sync.py: a ray.get(..., timeout=left()) that times out "
-                   "raises Ray's GetTimeoutError ('Get timed out: some object(s) not ready.'), which does not "
-                   "name cluster.sync_timeout_s; it should be re-raised as the sync's own TimeoutError")
 def test_timeout_error_names_the_setting(learners, receivers):
     with pytest.raises(TimeoutError, match=r"cluster\.sync_timeout_s"):
         broadcast_weights(learners, [receivers["hung2"]], version=1, bucket_bytes=1 << 20, timeout_s=3.0)
