@@ -81,6 +81,10 @@ class RolloutConfig(Section):
         "rpc", description="How learner weights reach vLLM: rpc = HF-named tensors through vLLM's "
         "collective_rpc (CPU, or a learner on the same node); nccl = vLLM's NCCL weight transfer, broadcast "
         "from learner rank 0 to every rollout GPU (GPU only).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling: drop groups whose G rewards are all equal (no signal) and "
+        "refill the batch with new prompts (metrics batch/dropped_groups, batch/refills).")
+    max_refills: int = Field(3, ge=0, description="Dynamic sampling: at most this many refill rounds per step.")
     off_policy: bool = Field(
         False, description="One-step off-policy: rollouts for step t+1 run while the learner trains step t "
         "(staleness bounded to one weight version; the PPO ratio uses the sampling logprobs).")
@@ -175,6 +179,11 @@ class ClusterConfig(Section):
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
     sync_timeout_s: float = Field(300.0, gt=0, description="Timeout of one weight sync to all rollout workers.")
+    sync_parity_check: bool = Field(
+        False, description="After every weight sync, compare learner and vLLM logprobs of a fixed probe "
+        "(held-out prompt + its reference answer); fail the job when they differ by more than the tolerance.")
+    sync_parity_tolerance: float = Field(
+        1e-3, gt=0, description="Max |learner - vLLM| logprob on the probe (fp32 CPU measures ~2e-6; bf16 GPUs need ~0.1).")
     sync_bucket_mb: int = Field(64, ge=1, description="Weight sync bucket size in MiB (tensors sent per transfer).")
 
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+import zlib
 from pathlib import Path
 
 log = logging.getLogger("launch")
@@ -57,16 +58,17 @@ def train(cfg, resume: str | None = None) -> None:
     import mlflow
     import ray
     import torch
+    from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     from cluster import checkpoint
     from cluster.controller import start_controller
     from cluster.reward_pool import RewardPool
-    from cluster.rollout import RolloutRound
+    from cluster.rollout import RolloutRound, wait_until_alive
     from cluster.start import connect, start_learners, start_rollout_workers
     from cluster.topology import format_topology, topology
     from cluster.tracking import start_run
-    from cluster.weight_sync import broadcast_weights
+    from cluster.weight_sync import broadcast_weights, parity_check
     from data.dataset import ParquetSource
     from learner.grpo import group_advantages
 
@@ -103,10 +105,26 @@ def train(cfg, resume: str | None = None) -> None:
         log.info("mask reward: OpenCV GrabCut (weight-free stand-in for SAM2; set reward.segmenter=sam2 "
                  "reward.sam2_checkpoint=PATH for production masks)")
     version = 0  # the learner's weight version: one per optimizer step (warm start and GRPO)
+    probe = parity_probe(eval_samples[0], policy_path, size) if cfg.cluster.sync_parity_check else None
 
     def sync(to: list | None = None) -> dict:
-        return broadcast_weights(learners, workers if to is None else to, version,
-                                 cfg.cluster.sync_bucket_mb << 20, cfg.cluster.sync_timeout_s)
+        """Current weights to all rollout workers (or ``to``); a worker that died meanwhile is waited for
+        (Ray restarts it with the initial weights) and the push is repeated."""
+        targets = workers if to is None else to
+        push = lambda: broadcast_weights(learners, targets, version, cfg.cluster.sync_bucket_mb << 20,  # noqa: E731
+                                         cfg.cluster.sync_timeout_s)
+        try:
+            metrics = push()
+        except RayActorError as exc:
+            log.warning("weight sync: a rollout worker died (%s); waiting for its restart, then pushing again",
+                        type(exc).__name__)
+            for w in targets:
+                wait_until_alive(w, time.monotonic() + cfg.cluster.startup_timeout_s)
+            metrics = push()
+        if cfg.cluster.sync_parity_check:
+            metrics["sync/parity_max_diff"] = parity_check(learners, targets, probe, cfg.cluster.sync_parity_tolerance,
+                                                           timeout)
+        return metrics
 
     # 3. Resume: learner state from DeepSpeed, driver state (data position, step, RNG, MLflow run).
     step, sft_done, run_id = 0, 0, None
@@ -117,20 +135,18 @@ def train(cfg, resume: str | None = None) -> None:
         step, sft_done, run_id, version = state["step"], state["sft_done"], state["mlflow_run_id"], state["weight_version"]
         sync()
         log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, step, sft_done, run_id)
-    data_state = data.state_dict()  # position of the first batch not yet trained on (for checkpoints)
-
-    def save_checkpoint():
+    def save_checkpoint(data_state: dict):
+        """data_state: the data position of the first batch not trained on yet."""
         path = checkpoint.save(out, step, learners, {
             "step": step, "sft_done": sft_done, "weight_version": version, "data": data_state,
             "mlflow_run_id": run.info.run_id}, cfg.train.keep_checkpoints, timeout)
         log.info("checkpoint: %s", path)
 
-    def new_round(for_step: int) -> RolloutRound:
-        nonlocal data_state
-        data_state = data.state_dict()
-        return RolloutRound(workers, reward_pool, data.next_batch(B), G, size,
+    def new_round(for_step: int, prompts: int = B, refill: int = 0) -> RolloutRound:
+        return RolloutRound(workers, reward_pool, data.next_batch(prompts), G, size,
                             chunk_size=max(1, B // (2 * len(workers))), timeout_s=timeout,
-                            seed=cfg.train.seed * 1_000_003 + for_step, resync=lambda w: sync([w]),
+                            seed=cfg.train.seed * 1_000_003 + for_step * 101 + refill * 10_007,
+                            resync=lambda w: sync([w]),
                             weight_version=version).start()
 
     with start_run(cfg, run_id) as run:
@@ -149,7 +165,6 @@ def train(cfg, resume: str | None = None) -> None:
             ray.get([l.set_lr.remote(cfg.learner.lr) for l in learners], timeout=timeout)
             version = sft_done
             sync()
-            data_state = data.state_dict()
         if cfg.eval.enabled and step == 0:
             log_eval(cfg, workers, eval_samples, out, 0)
 
@@ -163,6 +178,19 @@ def train(cfg, resume: str | None = None) -> None:
             this_round = next_round or new_round(step)
             rollouts, rewards, timings = this_round.finish()
             samples = this_round.samples
+            if cfg.rollout.dynamic_sampling:  # DAPO: keep only groups whose G rewards differ, refill
+                samples, rollouts, dropped, refills = informative_groups(samples, rollouts, rewards)
+                while len(samples) < B and refills < cfg.rollout.max_refills:
+                    refills += 1
+                    extra = new_round(step, B - len(samples), refill=refills)
+                    more_rollouts, more_rewards, _ = extra.finish()
+                    rewards.update(more_rewards)
+                    kept, kept_rollouts, more_dropped, _ = informative_groups(extra.samples, more_rollouts, rewards)
+                    samples, rollouts, dropped = samples + kept, rollouts + kept_rollouts, dropped + more_dropped
+                if not samples:
+                    log.warning("step %d: every group had equal rewards after %d refills; skipping the update", step, refills)
+                    continue
+                timings.update({"batch/dropped_groups": dropped, "batch/refills": refills})
             staleness = version - min(ro["weight_version"] for ro in rollouts)
 
             # Operators' requests (python -m cluster.scale) apply here, between rounds.
@@ -181,7 +209,9 @@ def train(cfg, resume: str | None = None) -> None:
             # Off-policy mode generates the next step's answers meanwhile, with the weights before it.
             t0 = time.perf_counter()
             learner_refs = all_ranks(learners, "train_step", batch, timeout, with_seqs=True, wait=False)
-            next_round = new_round(step + 1) if cfg.rollout.off_policy and step < cfg.train.steps else None
+            next_round, next_data_state = None, data.state_dict()
+            if cfg.rollout.off_policy and step < cfg.train.steps:
+                next_round = new_round(step + 1)
             deadline = time.monotonic() + timeout
             while next_round and time.monotonic() < deadline and ray.wait(
                     learner_refs, num_returns=len(learner_refs), timeout=0.1)[1]:
@@ -200,6 +230,8 @@ def train(cfg, resume: str | None = None) -> None:
                        "perf/tokens_per_s": learner_metrics.get("tokens", 0) / timings["time/step"],
                        "weight_version": version, "rollout/staleness": staleness,
                        "batch/prompts": len({s.id for s in samples}), "batch/sequences": len(batch),
+                       # which prompts this step trained on, as a number MLflow can plot (resume checks)
+                       "batch/ids_crc": zlib.crc32(",".join(s.id for s in samples).encode()) % 2**24,
                        "pool/rollout_workers": len(workers), "pool/reward_workers": pool["num_workers"],
                        "pool/reward_samples_per_s": pool["samples_per_s"]}
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -207,22 +239,20 @@ def train(cfg, resume: str | None = None) -> None:
                             learn=f"{timings['time/learner']:.1f}s", sync=f"{timings['time/sync']:.1f}s")
             controller.publish.remote({
                 "step": step, "steps": cfg.train.steps, "phase": "grpo", "weight_version": version,
-                "topology": places, "rollout_versions": ray.get(
-                    [w.__ray_call__.remote(lambda self: self.weight_version) for w in workers], timeout=timeout),
+                "topology": places, "rollout_versions": weight_versions(workers),
                 "reward_inflight": [w["inflight"] for w in pool["workers"]],
                 "last_step": {k: v for k, v in timings.items() if k.startswith("time/")}})
 
             if cfg.eval.enabled and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < cfg.train.steps:
                 log_eval(cfg, workers, eval_samples, out, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                save_checkpoint()
+                save_checkpoint(next_data_state)
         bar.close()
 
         # 6. The end: held-out evaluation, checkpoint, the policy as an HF directory in MLflow.
         if cfg.eval.enabled:
             log_eval(cfg, workers, eval_samples, out, step)
-        data_state = data.state_dict()
-        save_checkpoint()
+        save_checkpoint(data.state_dict())
         if cfg.tracking.log_model:
             final = out / "final_policy"
             ray.get([l.export_hf.remote(str(final)) for l in learners], timeout=timeout)
@@ -230,6 +260,34 @@ def train(cfg, resume: str | None = None) -> None:
             log.info("final policy: %s (logged to MLflow run %s)", final, run.info.run_id)
     if where == "local":
         ray.shutdown()
+
+
+def parity_probe(sample, policy_path: str, size: int) -> dict:
+    """The fixed sequence of the post-sync parity check: a held-out prompt and its reference answer."""
+    return {"problem": sample.problem, "prompt": chat_text(sample.problem), "image": sample.model_image(size),
+            "response_ids": reference_tokenizer(policy_path)(sample.reference_answer(size))}
+
+
+def informative_groups(samples, rollouts, rewards) -> tuple[list, list, int, int]:
+    """DAPO's dynamic sampling filter: groups whose G rewards are all equal have zero advantage and no
+    gradient; returns (kept samples, their rollouts, number dropped, 0)."""
+    keep = [i for i, s in enumerate(samples) if len({r["total"] for r in rewards[s.id]}) > 1]
+    return [samples[i] for i in keep], [rollouts[i] for i in keep], len(samples) - len(keep), 0
+
+
+def weight_versions(workers: list) -> list:
+    """Each rollout worker's weight version (None for one that is restarting), for cluster.status."""
+    import ray
+    from ray.exceptions import RayError
+
+    refs = [w.__ray_call__.remote(lambda self: self.weight_version) for w in workers]
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=10))
+        except (RayError, TimeoutError):
+            out.append(None)
+    return out
 
 
 def apply_scaling(cfg, requested: dict, workers: list, reward_pool, policy_path: str, sync) -> list:
@@ -275,8 +333,14 @@ def log_eval(cfg, workers, samples, out: Path, step: int) -> dict:
 
     from cluster.evaluation import evaluate_policy
 
+    from ray.exceptions import RayError
+
     t0 = time.perf_counter()
-    result = evaluate_policy(cfg, workers, samples, str(out / "eval" / f"step_{step:06d}"))
+    try:
+        result = evaluate_policy(cfg, workers, samples, str(out / "eval" / f"step_{step:06d}"))
+    except (RayError, TimeoutError) as exc:  # an evaluation never stops training
+        log.warning("evaluation at step %d skipped: %s", step, exc)
+        return {}
     metrics = {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
     metrics["time/eval"] = time.perf_counter() - t0
     mlflow.log_metrics(metrics, step=step)

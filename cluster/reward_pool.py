@@ -81,7 +81,9 @@ class RewardPool:
         self._attempts[key] += 1
         if self._attempts[key] > self.max_attempts:
             raise RuntimeError(f"reward group {key!r} failed {self.max_attempts} dispatches (workers died or hung)")
-        worker = min(self.workers, key=lambda w: len(w.inflight))
+        # Started actors first: a new actor may wait for resources (or for the autoscaler) for long.
+        started = [w for w in self.workers if w.ready is None or self._is_up(w)]
+        worker = min(started or self.workers, key=lambda w: len(w.inflight))
         now = time.monotonic()
         if not worker.inflight:
             worker.last_progress = now

@@ -23,8 +23,8 @@ def connect(cfg: Config) -> str:
     """Join the Ray cluster the job runs on, else start a local one sized for the configured actors.
 
     Inside ``ray job submit`` RAY_ADDRESS is set and we join that cluster; ``cluster.address`` forces an
-    address. Otherwise a local Ray starts with enough logical CPUs for every actor (actors time-share
-    the physical cores; their torch thread counts are set per actor).
+    address. Otherwise a local Ray starts with logical CPUs for twice the configured actors (room to
+    scale; actors time-share the physical cores, their torch thread counts are set per actor).
     """
     if ray.is_initialized():
         return "existing"
@@ -39,7 +39,8 @@ def connect(cfg: Config) -> str:
     c = cfg.cluster
     need = (c.rollout_workers * c.rollout.num_cpus + c.reward_workers * c.reward.num_cpus
             + c.learner_ranks * c.learner.num_cpus)
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+    # Logical CPUs for twice the configured actors, so `cluster.scale` can grow the pools on this machine.
+    ray.init(address="local", num_cpus=max(2 * int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
              runtime_env={"env_vars": env}, log_to_driver=True, namespace=NAMESPACE)
     return "local"
 

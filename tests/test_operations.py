@@ -16,9 +16,11 @@ pytestmark = pytest.mark.slow
 B, G, STEPS = 2, 2, 6
 
 
-def wait_for(predicate, timeout_s, what):
+def wait_for(predicate, timeout_s, what, job=None, errors=()):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if job is not None and not job.is_alive():
+            raise AssertionError(f"the job ended while waiting for {what}: {list(errors) or 'no error'}")
         try:
             value = predicate()
             if value:
@@ -52,13 +54,13 @@ def test_kills_scaling_and_off_policy(tmp_path):
     job = threading.Thread(target=lambda: _run(launch, cfg, errors), daemon=True)
     job.start()
     controller = wait_for(lambda: ray.get_actor("ops-test", namespace=NAMESPACE),
-                          600, "the job's controller")
+                          600, "the job's controller", job, errors)
     status = lambda: ray.get(controller.status.remote(), timeout=30)  # noqa: E731
-    topology = wait_for(lambda: status().get("step", 0) >= 1 and status()["topology"], 900, "step 1")
+    topology = wait_for(lambda: status().get("step", 0) >= 1 and status()["topology"], 900, "step 1", job, errors)
     ray.get(controller.request.remote(None, 2))
     kill_one(topology, "rollout")
     kill_one(topology, "reward")
-    wait_for(lambda: status().get("step", 0) >= 4, 900, "step 4")
+    wait_for(lambda: status().get("step", 0) >= 4, 900, "step 4", job, errors)
     ray.get(controller.request.remote(None, 1))
     job.join(timeout=900)
     ray.shutdown()
@@ -84,7 +86,9 @@ def test_kills_scaling_and_off_policy(tmp_path):
 
 
 def _run(launch, cfg, errors):
+    import traceback
+
     try:
         launch.train(cfg)
-    except Exception as exc:  # reported by the test thread
-        errors.append(repr(exc))
+    except Exception:  # reported by the test thread
+        errors.append(traceback.format_exc())
