@@ -238,6 +238,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config error: {field}: {msg}{got}") from None
 
 
+def load_config_or_exit(path: str | Path | None, overrides) -> Config:
+    """load_config for command-line entry points: a bad config prints its one-line message and exits 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def field_table(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, description) for every leaf field: the README's config table."""
     rows = []

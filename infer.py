@@ -25,12 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    from config import load_config_or_exit
+    cfg = load_config_or_exit(args.config, args.overrides)
     if not Path(args.image).exists():
         print(f"--image: not found: {args.image}", file=sys.stderr)
         return 2

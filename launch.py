@@ -35,14 +35,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from config import ConfigError, load_config
+    from config import load_config_or_exit
 
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ray.exceptions import RayError
 
