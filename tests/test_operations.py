@@ -44,7 +44,7 @@ def test_kills_scaling_and_off_policy(tmp_path):
 
     cfg = load_config(None, [
         f"train.output_dir={tmp_path}", f"train.steps={STEPS}", f"rollout.prompts_per_step={B}",
-        f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true",
+        f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true", "train.sft_steps=0",
         "data.synthetic_train_size=32", "data.synthetic_eval_size=2", "eval.enabled=false",
         "tracking.log_model=false", "tracking.system_metrics=false", "cluster.job_name=ops-test"])
     # Ray's own processes die with the thread that started them: start it here, not in the job's thread.
