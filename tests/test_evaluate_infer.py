@@ -24,9 +24,11 @@ def test_evaluate_writes_table_json_and_overlays(tmp_path, synthetic_split, memo
     assert "gIoU" in proc.stdout and "lisa" in proc.stdout and "segzero" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 4 and len(result["samples"]) == 4
-    # The memorised answer parses for every image; the sample it was memorised on is segmented well.
-    assert result["parse_failure_rate"] == 0.0
-    assert result["samples"][0]["iou"] > 0.5
+    # The sample the policy memorised is answered and segmented well (other images may not parse).
+    records = result["samples"]
+    assert records[0]["parsed"] and records[0]["iou"] > 0.5
+    assert result["parse_failure_rate"] == pytest.approx(sum(not r["parsed"] for r in records) / 4)
+    assert result["giou_segzero"] == pytest.approx(sum(r["iou"] for r in records) / 4)
     for name in ("lisa", "segzero"):
         assert 0.0 < result[f"giou_{name}"] <= 1.0 and 0.0 < result[f"ciou_{name}"] <= 1.0
     assert len(result["overlays"]) == 2 and all(Image.open(p).format == "PNG" for p in result["overlays"])
