@@ -131,6 +131,7 @@ def train(cfg, resume: str | None = None) -> None:
         step, sft_done, run_id, version = state["step"], state["sft_done"], state["mlflow_run_id"], state["weight_version"]
         sync()
         log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, step, sft_done, run_id)
+
     def save_checkpoint(data_state: dict):
         """data_state: the data position of the first batch not trained on yet."""
         path = checkpoint.save(out, step, learners, {
