@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-class Segmenter:
+class Segmenter(ABC):
     """LRU cache of per-image state (the "embedding") shared by the segmenters.
 
     Subclasses define `_encode(image) -> state`, `_restore(state)` and `predict(boxes, points)`.
@@ -53,14 +54,17 @@ class Segmenter:
         self._restore(state)
         return hit
 
+    @abstractmethod
     def _encode(self, image: np.ndarray):
-        raise NotImplementedError
+        """The per-image state to cache (SAM2: the image embedding and sizes)."""
 
+    @abstractmethod
     def _restore(self, state) -> None:
-        raise NotImplementedError
+        """Make a cached state the current image."""
 
+    @abstractmethod
     def predict(self, boxes: np.ndarray, points: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """boxes [K,4], points [K,P,2] (image pixels) -> bool masks [K,H,W], in one batched call."""
 
 
 class Sam2Segmenter(Segmenter):
