@@ -68,7 +68,10 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
     max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + image tokens + response).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size per rollout worker (GPU).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallel size TP per rollout worker. On GPUs (cluster.rollout.num_gpus=1) "
+        "with TP > 1 each worker gets its own Ray placement group of TP bundles {GPU: 1, CPU: "
+        "cluster.rollout.num_cpus} on one node (STRICT_PACK); vLLM runs its TP workers there as Ray actors.")
     gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
@@ -162,8 +165,16 @@ class EvalConfig(Section):
 
 class ResourcesConfig(Section):
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per actor.")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per actor (fractions allowed).")
+    num_gpus: float = Field(
+        0.0, ge=0, description="Ray GPUs per actor: fractions below 1 share a GPU (0.25: four reward workers "
+        "per GPU), above 1 whole numbers only.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads inside the actor.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(f"num_gpus above 1 must be a whole number (Ray), got {self.num_gpus}")
+        return self
 
 
 class ClusterConfig(Section):
@@ -173,7 +184,9 @@ class ClusterConfig(Section):
     rollout_workers: int = Field(1, ge=1, description="Number of vLLM rollout actors.")
     reward_workers: int = Field(1, ge=1, description="Number of reward (segmenter) actors.")
     learner_ranks: int = Field(1, ge=1, description="Number of DeepSpeed learner ranks (one actor each).")
-    rollout: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per rollout actor.")
+    rollout: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Resources per rollout actor (one vLLM engine); with "
+        "rollout.tensor_parallel_size > 1 on GPUs, per bundle of the engine's placement group (num_gpus 1).")
     reward: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per reward actor.")
     learner: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per learner rank.")
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")

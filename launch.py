@@ -291,7 +291,7 @@ def apply_scaling(cfg, requested: dict, workers: list, reward_pool, policy_path:
     """Resizes the pools between steps; new rollout workers get the current weights before they generate."""
     import ray
 
-    from cluster.start import start_rollout_workers
+    from cluster.start import start_rollout_workers, stop_rollout_workers
 
     if "reward_workers" in requested and requested["reward_workers"] != len(reward_pool.workers):
         log.info("scaling reward workers %d -> %d", len(reward_pool.workers), requested["reward_workers"])
@@ -305,8 +305,7 @@ def apply_scaling(cfg, requested: dict, workers: list, reward_pool, policy_path:
         workers = workers + new
     elif n < len(workers):
         log.info("scaling rollout workers %d -> %d", len(workers), n)
-        for w in workers[n:]:
-            ray.kill(w)
+        stop_rollout_workers(workers[n:])  # frees their placement groups (TP engines)
         workers = workers[:n]
     return workers
 
