@@ -88,6 +88,10 @@ class RolloutConfig(Section):
         False, description="DAPO dynamic sampling: drop groups whose G rewards are all equal (no signal) and "
         "refill the batch with new prompts (metrics batch/dropped_groups, batch/refills).")
     max_refills: int = Field(3, ge=0, description="Dynamic sampling: at most this many refill rounds per step.")
+    stream_rewards: bool = Field(
+        True, description="Score each group in the reward pool as soon as it is generated (overlaps "
+        "generation). False: the plain synchronous loop, scoring starts after all generation (a baseline "
+        "for benchmarks/pipelining.py).")
     off_policy: bool = Field(
         False, description="One-step off-policy: rollouts for step t+1 run while the learner trains step t "
         "(staleness bounded to one weight version; the PPO ratio uses the sampling logprobs).")

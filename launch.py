@@ -143,7 +143,7 @@ def train(cfg, resume: str | None = None) -> None:
         return RolloutRound(workers, reward_pool, data.next_batch(prompts), G, size,
                             chunk_size=max(1, B // (2 * len(workers))), timeout_s=timeout,
                             seed=cfg.train.seed * 1_000_003 + for_step * 101 + refill * 10_007,
-                            resync=lambda w: sync([w]),
+                            resync=lambda w: sync([w]), stream=cfg.rollout.stream_rewards,
                             weight_version=version).start()
 
     with start_run(cfg, run_id) as run:

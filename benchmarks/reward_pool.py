@@ -2,13 +2,16 @@
 
     python benchmarks/reward_pool.py [--sam2-config configs/sam2.1/sam2.1_hiera_t.yaml] [--group-size 8]
                                      [--height 480 --width 640] [--pool-groups 4] [--pool-segmenter sam2|grabcut]
+                                     [--pool-rounds 1] [--pool-only]
 
 1. One group of G answers, SAM2 with random weights (the cost does not depend on the weights):
    naive = for every answer: encode the image, decode its one prompt;
    ours  = RewardWorker.score_group: one encode (cache miss), one batched decode of the G prompts
            (plus parsing, coordinate mapping and mask IoU); also shown with the embedding cached.
 2. RewardPool samples/s with 1 then 2 Ray actors (num_cpus=1 each) on --pool-groups groups of
-   distinct images, after a warm-up group per actor (actor start and model build excluded).
+   distinct images, after a warm-up group per actor (actor start and model build excluded), and the
+   ratio; --pool-rounds N alternates 1 and 2 workers N times (means), --pool-only skips part 1.
+Numbers from a 2-core machine shared with other jobs are noisy: compare only numbers from one run.
 """
 from __future__ import annotations
 
@@ -95,13 +98,43 @@ def main() -> None:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--pool-groups", type=int, default=4)
     p.add_argument("--pool-segmenter", choices=["sam2", "grabcut"], default="sam2")
+    p.add_argument("--pool-rounds", type=int, default=1, help="alternate 1 and 2 workers this many times")
+    p.add_argument("--pool-only", action="store_true", help="only part 2, the Ray pool with 1 and 2 workers")
     args = p.parse_args()
     import torch
 
     cfg = RewardConfig(segmenter="sam2", sam2_config=args.sam2_config, sam2_allow_random_weights=True)
+    g = args.group_size
+    print("# Numbers from a 2-core machine shared with other jobs are noisy: compare only numbers from one run.")
+    if not args.pool_only:
+        group_cost(cfg, args, torch.get_num_threads())
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pool_cfg = cfg if args.pool_segmenter == "sam2" else RewardConfig()
+        groups = [make_group(100 + i, g, args.height, args.width) for i in range(args.pool_groups)]
+        rates = {1: [], 2: []}
+        for _ in range(args.pool_rounds):
+            for n in rates:
+                rates[n].append(pool_rate(pool_cfg, n, groups))
+    finally:
+        ray.shutdown()
+    mean = {n: sum(r) / len(r) for n, r in rates.items()}
+    print(f"# Ray RewardPool ({args.pool_segmenter}), {args.pool_groups} groups x G={g}, image {args.height}x"
+          f"{args.width}, num_cpus=1 (1 torch thread) per actor, {args.pool_rounds} round(s)")
+    for n, rate in mean.items():
+        print(f"{n} worker{'s' if n > 1 else ' '}: {rate:8.2f} samples/s" +
+              (f"   (rounds: {', '.join(f'{r:.2f}' for r in rates[n])})" if args.pool_rounds > 1 else ""))
+    print(f"scaling 2 vs 1 workers: {mean[2] / mean[1]:.2f}x (ideal 2x on two free cores)")
+
+
+def group_cost(cfg: RewardConfig, args, threads: int) -> None:
+    """Part 1: one group scored the naive way and ours, SAM2 with random weights, no Ray."""
     worker = RewardWorker(cfg, device="cpu")
     g = args.group_size
-    print(f"# SAM2 {args.sam2_config}, random weights, CPU ({torch.get_num_threads()} threads), "
+    print(f"# SAM2 {args.sam2_config}, random weights, CPU ({threads} threads), "
           f"image {args.height}x{args.width}, G={g}")
     group = make_group(0, g, args.height, args.width)
     worker.score_group(make_group(99, 1, args.height, args.width))  # warm-up (lazy inits, allocator)
@@ -120,18 +153,6 @@ def main() -> None:
           f"   (encode {miss['encode_s']:.2f} s, decode {miss['decode_s']:.2f} s)")
     print(f"{'ours, embedding cached':<44}{cached_s:>10.2f}{cached_s / g:>10.3f}")
     print(f"speed-up naive/ours: {naive_s / ours_s:.1f}x (target >= 5x); with cache: {naive_s / cached_s:.1f}x")
-
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool_cfg = cfg if args.pool_segmenter == "sam2" else RewardConfig()
-    groups = [make_group(100 + i, g, args.height, args.width) for i in range(args.pool_groups)]
-    rates = {n: pool_rate(pool_cfg, n, groups) for n in (1, 2)}
-    print(f"# Ray RewardPool ({args.pool_segmenter}), {args.pool_groups} groups x G={g}, num_cpus=1 per actor")
-    for n, rate in rates.items():
-        print(f"{n} worker{'s' if n > 1 else ' '}: {rate:8.2f} samples/s")
-    print(f"scaling 2 vs 1 workers: {rates[2] / rates[1]:.2f}x")
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ reward pool (call it while waiting on something else, e.g. the learner, in one-s
 ``finish()`` waits for everything and returns rollouts + rewards. A rollout actor that dies mid-step is
 restarted by Ray (max_restarts=-1); the round waits for it, has ``resync`` push the current weights to
 it, and redoes its chunk with the same seed, so the step trains on exactly the samples it planned.
+``stream=False`` (``rollout.stream_rewards=false``) is the plain synchronous loop that
+benchmarks/pipelining.py compares against: no group is scored before all generation is done.
 """
 from __future__ import annotations
 
@@ -41,15 +43,17 @@ class RolloutRound:
     ``seed + i`` (None: the engine's running generator), so a redone or resumed chunk draws the same
     answers. ``resync(worker)`` must bring a restarted worker to the current weights; answers made with
     weights older than ``weight_version`` (a worker that restarted between steps comes back with the
-    initial weights) are redone after a resync.
+    initial weights) are redone after a resync. ``stream=False`` submits no group before every chunk is in.
     """
 
     def __init__(self, workers: list, reward_pool, samples: list[Sample], group_size: int, model_size: int,
                  chunk_size: int, timeout_s: float, seed: int | None = None,
-                 resync: Callable[[object], None] | None = None, weight_version: int = 0, max_redos: int = 3):
+                 resync: Callable[[object], None] | None = None, weight_version: int = 0, max_redos: int = 3,
+                 stream: bool = True):
         self.workers, self.reward_pool, self.samples = workers, reward_pool, samples
         self.group_size, self.model_size, self.timeout_s, self.seed = group_size, model_size, timeout_s, seed
         self.resync, self.max_redos, self.weight_version = resync, max_redos, weight_version
+        self.stream = stream
         self.chunks = [samples[i:i + chunk_size] for i in range(0, len(samples), chunk_size)]
         self.by_id = {s.id: s for s in samples}
         self.pending: dict = {}  # ObjectRef -> (chunk index, worker)
@@ -90,10 +94,18 @@ class RolloutRound:
                 continue
             for r in outs:
                 self.rollouts[r["sample_id"]] = r
-                self.reward_pool.submit(r["sample_id"], reward_group(self.by_id[r["sample_id"]], r, self.model_size))
+                if self.stream:
+                    self._submit(r)
         if not self.pending and self.t_generated is None:
             self.t_generated = time.perf_counter()
+            if not self.stream:  # all generated: only now does scoring start
+                for r in self.rollouts.values():
+                    self._submit(r)
         return not self.pending
+
+    def _submit(self, rollout: dict) -> None:
+        sample = self.by_id[rollout["sample_id"]]
+        self.reward_pool.submit(sample.id, reward_group(sample, rollout, self.model_size))
 
     def _redo(self, i: int, worker, why: str) -> None:
         self.redos += 1
