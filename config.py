@@ -67,6 +67,9 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Minimum response length: end-of-answer tokens are suppressed until this many "
+        "tokens (benchmarks set it to max_new_tokens for a fixed length; 0: off).")
     max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + image tokens + response).")
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM tensor parallel size TP per rollout worker. On GPUs (cluster.rollout.num_gpus=1) "

@@ -112,8 +112,9 @@ class RolloutWorker:
         if seed is not None:
             self.llm.collective_rpc("reseed", args=(seed,))
         r = self.cfg.rollout
+        max_tokens = max_new_tokens or r.max_new_tokens
         params = SamplingParams(
-            n=n, max_tokens=max_new_tokens or r.max_new_tokens, logprobs=0,
+            n=n, max_tokens=max_tokens, min_tokens=min(r.min_new_tokens, max_tokens), logprobs=0,
             temperature=0.0 if greedy else (r.temperature if temperature is None else temperature),
             top_p=1.0 if greedy else r.top_p, logit_bias=self.banned_logit_bias)
         texts = [chat_prompt(p["problem"]) for p in prompts]
