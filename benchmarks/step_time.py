@@ -164,11 +164,13 @@ def breakdown(m: dict[str, list[float]]) -> list[tuple[str, float]]:
 def print_breakdown(m: dict[str, list[float]], title: str) -> None:
     step = mean(m["time/step"])
     print(f"\n{title} ({len(m['time/step'])} steps measured)")
+    rows = breakdown(m)
     if max(m["rollout/staleness"]) > 0:
-        print("(off-policy: a step's generation and scoring ran during the previous step, so the stage rows "
-              "overlap and do not add up, and the pool's busy-time rows are not meaningful)")
+        print("(off-policy: a step's generation and scoring started during the previous step, so the stage "
+              "rows overlap and do not add up; derived rows left out)")
+        rows = rows[:5]
     print(f"{'':<46}{'s/step':>9}{'share':>8}")
-    for name, value in breakdown(m):
+    for name, value in rows:
         print(f"{name:<46}{value:>9.3f}{value / step:>8.1%}")
     print(f"{'samples/s (perf/samples_per_s)':<46}{mean(m['perf/samples_per_s']):>9.2f}")
     print(f"{'tokens/s (perf/tokens_per_s, trained tokens)':<46}{mean(m['perf/tokens_per_s']):>9.1f}")

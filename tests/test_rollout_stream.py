@@ -69,8 +69,11 @@ def test_groups_scored_while_generating_only_when_streaming(stream, synthetic_sp
     round_ = RolloutRound([Generator.remote(), Generator.remote(gate)], pool, samples, group_size=4,
                           model_size=112, chunk_size=2, timeout_s=60, stream=stream).start()
 
-    while len(round_.rollouts) < 2:  # the first chunk comes in; the second waits at the gate
+    for _ in range(120):  # the first chunk comes in; the second waits at the gate
+        if len(round_.rollouts) == 2:
+            break
         assert not round_.pump(timeout_s=1.0)
+    assert sorted(round_.rollouts) == sorted(s.id for s in samples[:2])
     first_chunk = [s.id for s in samples[:2]]
     assert pool.submitted == (first_chunk if stream else [])
 
