@@ -58,7 +58,10 @@ machine two OpenMP threads mostly wait on each other: a first tiny run of TRL wi
 threads took 68 s per step under the other users' load); ``--trl-threads 0`` gives torch's default.
 
 On a shared machine timings are noisy: the two systems run back to back per repeat, the order alternates
-between repeats, and the ratio is reported per repeat.
+between repeats, and the ratio is reported per repeat. Duration on the 2-core machine: tiny ~4 min per
+repeat; large ~20-30 min per repeat (a step is 2-6 min: the learner's fp32 forward/backward over
+16 x ~730 tokens dominates on both sides), so e.g. ``--policies large --repeats 1 --first trl`` for a
+second large repeat.
 """
 from __future__ import annotations
 
