@@ -36,8 +36,15 @@ class ModelConfig(Section):
     tiny_hidden_size: int = Field(128, ge=64, description="Tiny policy: hidden size of the language model.")
     tiny_layers: int = Field(2, ge=1, description="Tiny policy: number of decoder layers.")
     tiny_heads: int = Field(2, ge=1, description="Tiny policy: attention heads (head_dim = hidden/heads must be 64 or more for vLLM CPU).")
-    tiny_vision_hidden_size: int = Field(64, ge=16, description="Tiny policy: hidden size of the vision tower.")
+    tiny_vision_hidden_size: int = Field(
+        128, ge=16, description="Tiny policy: hidden size of the vision tower (>= 80 with tiny_position_reader).")
     tiny_vision_layers: int = Field(1, ge=1, description="Tiny policy: depth of the vision tower.")
+    tiny_number_code: bool = Field(
+        True, description="Tiny policy: start the number tokens' embeddings from a Fourier code of their value "
+        "(nearby numbers similar), instead of noise.")
+    tiny_position_reader: bool = Field(
+        True, description="Tiny policy: start the vision tower as a reader of the synthetic images' position "
+        "barcodes (data.synthetic_barcodes), so image tokens know where they are; see docs/learnability.md.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype on learner and rollout: auto = bfloat16 on GPU, float32 on CPU.")
 
@@ -47,6 +54,8 @@ class ModelConfig(Section):
             raise ValueError(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {self.image_size}")
         if self.tiny_hidden_size % self.tiny_heads or self.tiny_hidden_size // self.tiny_heads < 64:
             raise ValueError("tiny_hidden_size / tiny_heads must be an integer >= 64 (vLLM CPU attention)")
+        if self.tiny_position_reader and self.tiny_vision_hidden_size < 80:
+            raise ValueError("tiny_vision_hidden_size must be >= 80 with tiny_position_reader (64 dims carry the position)")
         return self
 
 
@@ -58,6 +67,24 @@ class DataConfig(Section):
     synthetic_train_size: int = Field(512, ge=1, description="Synthetic dataset: number of training rows.")
     synthetic_eval_size: int = Field(64, ge=1, description="Synthetic dataset: number of held-out rows.")
     synthetic_seed: int = Field(0, description="Synthetic dataset: generator seed (same seed, same bytes).")
+    synthetic_barcodes: Literal["off", "objects", "all"] = Field(
+        "objects", description="Synthetic dataset: write a 14-px patch's position into its top two pixel rows "
+        "(data/position_code.py), what model.tiny_position_reader reads: in the patches shapes touch, in all, or off.")
+    synthetic_kinds: list[Literal["colour_shape", "colour", "shape", "relation", "extreme", "size"]] = Field(
+        ["colour_shape", "colour", "shape", "relation", "extreme", "size"],
+        description="Synthetic dataset: query kinds drawn from (data/synthetic.py), e.g. 'the red circle', "
+        "'the blue shape', 'the triangle', 'the shape left of the green square', 'the topmost shape', 'the largest shape'.")
+    synthetic_shapes: tuple[int, int] = Field(
+        (2, 4), description="Synthetic dataset: min and max number of shapes per image.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        low, high = self.synthetic_shapes
+        if not 1 <= low <= high:
+            raise ValueError(f"synthetic_shapes must be [min, max] with 1 <= min <= max, got {list(self.synthetic_shapes)}")
+        if not self.synthetic_kinds:
+            raise ValueError("synthetic_kinds must name at least one query kind")
+        return self
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
 
 

@@ -66,6 +66,7 @@ def train(cfg, resume: str | None = None) -> None:
     from cluster.tracking import start_run
     from cluster.weight_sync import broadcast_weights, parity_check
     from data.dataset import ParquetSource
+    from evaluation.curve import metric_history, plot_learning_curve
     from learner.grpo import group_advantages
 
     out = Path(cfg.train.output_dir)
@@ -249,6 +250,10 @@ def train(cfg, resume: str | None = None) -> None:
         # 6. The end: held-out evaluation, checkpoint, the policy as an HF directory in MLflow.
         if cfg.eval.enabled:
             log_eval(cfg, workers, eval_samples, out, step)
+        curve = plot_learning_curve(metric_history(run.info.run_id), out / "learning_curve.png",
+                                    title=f"{cfg.tracking.run_name or 'run'}: seed {cfg.train.seed}")
+        mlflow.log_artifact(str(curve))
+        log.info("learning curve: %s", curve)
         save_checkpoint(data.state_dict())
         if cfg.tracking.log_model:
             final = out / "final_policy"
@@ -385,7 +390,8 @@ def prepare_policy(cfg) -> str:
     path = build_tiny_policy(Path(cfg.train.output_dir) / "tiny_policy", image_size=m.image_size,
                              hidden_size=m.tiny_hidden_size, layers=m.tiny_layers, heads=m.tiny_heads,
                              vision_hidden_size=m.tiny_vision_hidden_size,
-                             vision_layers=m.tiny_vision_layers, seed=cfg.train.seed)
+                             vision_layers=m.tiny_vision_layers, seed=cfg.train.seed,
+                             number_code=m.tiny_number_code, position_reader=m.tiny_position_reader)
     log.info("policy: tiny embedded Qwen2.5-VL at %s (random weights)", path)
     return str(path)
 
@@ -395,10 +401,11 @@ def prepare_data(cfg) -> tuple[str, str]:
     from data.synthetic import write_synthetic
 
     d, root = cfg.data, Path(cfg.train.output_dir) / "data"
+    options = dict(barcodes=d.synthetic_barcodes, kinds=tuple(d.synthetic_kinds), num_shapes=tuple(d.synthetic_shapes))
     train_path = d.train_path or str(write_synthetic(root / "train.parquet", d.synthetic_train_size,
-                                                     cfg.model.image_size, d.synthetic_seed))
+                                                     cfg.model.image_size, d.synthetic_seed, **options))
     eval_path = d.eval_path or str(write_synthetic(root / "eval.parquet", d.synthetic_eval_size,
-                                                   cfg.model.image_size, d.synthetic_seed + 1))
+                                                   cfg.model.image_size, d.synthetic_seed + 1, **options))
     for field, path in (("data.train_path", train_path), ("data.eval_path", eval_path)):
         if not Path(path).exists():
             raise RuntimeError(f"{field}: not found: {path}")

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from data.masks import bbox_from_mask, encode_rle, points_from_mask
+from data.position_code import FREQUENCIES, draw_barcodes
 from data.schema import write_rows
 from data.segzero import reference_answer  # noqa: F401  (documented entry point for the warm start)
 
@@ -116,6 +117,7 @@ def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
 
 
 BACKGROUNDS = ("plain", "gradient")
+BARCODES = ("off", "objects", "all")
 
 
 def background_pixels(kind: str, image_size: int, grey: int) -> np.ndarray:
@@ -141,7 +143,7 @@ def background_pixels(kind: str, image_size: int, grey: int) -> np.ndarray:
 
 def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int,
                size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float,
-               background: str = "plain"):
+               background: str = "plain", barcodes: str = "off"):
     """Draws one image; returns (RGB uint8 array, shapes with their masks)."""
     cell = image_size / grid
     grey = int(rng.integers(200, 246))  # drawn for every background so the rest of the stream is shared
@@ -164,25 +166,34 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
         image[mask] = COLOURS[colour]
         shapes.append({"shape": kind, "colour": colour, "row": row, "col": col, "mask": mask,
                        "area": int(mask.sum())})
+    if barcodes != "off":
+        on_shapes = np.logical_or.reduce([s["mask"] for s in shapes]) if barcodes == "objects" else None
+        draw_barcodes(image, FREQUENCIES, on_shapes)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), shapes
 
 
 def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
                   jitter: int = 0, size_range: tuple[int, int] = (6, 12), num_shapes: tuple[int, int] = (2, 4),
-                  noise: float = 0.5, kinds=KINDS, background: str = "plain") -> dict:
+                  noise: float = 0.5, kinds=KINDS, background: str = "plain", barcodes: str = "off") -> dict:
     """Row ``index`` of the synthetic set (DESIGN §4 schema plus ``reasoning`` and ``kind``).
 
     grid: cells per side (default image_size // 28, one cell per merged patch); jitter: max offset in
     px of a shape's centre from its cell centre; size_range: half-extent of shapes in px; noise:
     probability of Gaussian (std 6) background noise; kinds: query kinds to draw from (uniformly);
-    background: "plain" (grey) or "gradient" (an absolute-position cue, see ``background_pixels``).
+    background: "plain" (grey) or "gradient" (an absolute-position cue, see ``background_pixels``);
+    barcodes: "all" writes each patch's position into its top pixel rows (data/position_code.py),
+    "objects" only into the patches a shape touches, "off" none; for the tiny policy, whose random vision
+    tower cannot otherwise tell where a patch is.
     """
+    if barcodes not in BARCODES:
+        raise ValueError(f"barcodes must be one of {BARCODES}, got {barcodes!r}")
     grid = grid or max(image_size // 28, 2)
     if grid * grid < num_shapes[1]:
         raise ValueError(f"a {grid}x{grid} grid cannot hold {num_shapes[1]} shapes")
     rng = np.random.default_rng([seed, index])
     while True:  # resample the scene until some allowed query is unambiguous (almost always the first)
-        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise, background)
+        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise, background,
+                                     barcodes)
         candidates = candidate_queries(shapes, kinds)
         if candidates:
             break

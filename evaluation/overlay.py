@@ -29,8 +29,9 @@ def overlay(image: Image.Image, pred_mask: np.ndarray | None = None, gt_mask: np
     out = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     width = max(1, round(max(out.size) / 200))
-    if box is not None:
-        draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
+    if box is not None:  # a model may answer x2 < x1: draw the box it spans rather than fail
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=BOX_COLOUR, width=width)
     for x, y in points or []:
         r = 2 * width + 1
         draw.ellipse([x - r, y - r, x + r, y + r], outline=(0, 0, 0), fill=BOX_COLOUR)

@@ -16,6 +16,7 @@ from evaluation.metrics import CONVENTIONS, SegMetrics
 from evaluation.overlay import save_overlay
 from reward import answer_prompts
 from reward.mask_iou import to_original
+from reward.rules import box_iou_inclusive
 
 
 def predicted_mask(segmenter, rules: str, sample: Sample, response: str, model_size: int) -> tuple[np.ndarray | None, dict | None]:
@@ -34,16 +35,20 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
                      rules: str, model_size: int, overlay_dir: str | Path | None = None,
                      max_overlays: int = 4) -> dict:
     """gIoU/cIoU under both conventions, parse-failure rate, mean response length (tokens), and
-    overlay PNGs of the first ``max_overlays`` samples (paths in ``result["overlays"]``)."""
+    overlay PNGs of the first ``max_overlays`` samples (paths in ``result["overlays"]``), and box_iou:
+    the mean over samples of the IoU (inclusive pixels) between the first predicted box and the
+    ground-truth box, 0 for an answer that does not parse or a sample without a box."""
     metrics = {name: SegMetrics.from_convention(name) for name in CONVENTIONS}
-    failures, overlays, records = 0, [], []
+    failures, overlays, records, box_ious = 0, [], [], []
     for i, (sample, response) in enumerate(zip(samples, responses)):
         pred, prompts = predicted_mask(segmenter, rules, sample, response, model_size)
         failures += pred is None
         gt = decode_rle(sample.mask_rle) if sample.mask_rle is not None else np.zeros((sample.height, sample.width), bool)
         ignore = decode_rle(sample.ignore_rle) if sample.ignore_rle is not None else None
         ious = {name: m.add(pred, gt, ignore) for name, m in metrics.items()}
-        records.append({"id": sample.id, "iou": ious["segzero"], "parsed": pred is not None})
+        box_ious.append(box_iou_inclusive([round(v) for v in prompts["box"]], sample.bbox)
+                        if pred is not None and sample.bbox else 0.0)
+        records.append({"id": sample.id, "iou": ious["segzero"], "box_iou": box_ious[-1], "parsed": pred is not None})
         if overlay_dir is not None and len(overlays) < max_overlays:
             Path(overlay_dir).mkdir(parents=True, exist_ok=True)
             path = Path(overlay_dir) / f"{i:03d}_{_safe_name(sample.id)}.png"
@@ -54,7 +59,7 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
             overlays.append(str(path))
     n = max(len(samples), 1)
     result = {"n": len(samples), "parse_failure_rate": failures / n,
-              "response_tokens_mean": sum(response_tokens) / n, "overlays": overlays, "samples": records}
+              "response_tokens_mean": sum(response_tokens) / n, "box_iou": sum(box_ious) / n, "overlays": overlays, "samples": records}
     for name, m in metrics.items():
         r = m.result()
         result[f"giou_{name}"], result[f"ciou_{name}"] = r["giou"], r["ciou"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data.position_code import AMPLITUDE, FREQUENCIES, barcode_basis, fourier_code
+
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -46,30 +48,112 @@ def _byte_level_tokenizer():
     return tok
 
 
-def number_code_rows(count: int, hidden_size: int, image_size: int, amplitude: float = 0.06):
-    """Fourier code of the integers 0..count-1: row n = amplitude * [cos(w_k n), sin(w_k n)]_k.
+def number_code_rows(count: int, image_size: int, amplitude: float = 0.06):
+    """Fourier code of the integers 0..count-1: row n = amplitude * fourier_code(n) (data/position_code.py:
+    [cos(w_k n), sin(w_k n)]_k, K = FREQUENCIES, periods geometric from 6 px to 4 * image_size).
 
-    K = hidden_size // 8 frequencies, periods geometric from 6 px to 4 * image_size. Used as the start
-    of both the input and the output embedding of number token n, the logit of number n for a hidden
-    state equal to the code of m is amplitude^2 * sum_k cos(w_k (n - m)): peaked at n = m, so copying
-    or nudging a coordinate is easy to learn. The amplitude matches the norm of HF's random rows
-    (std 0.02) for hidden 128.
+    Used as the start of both the input and the output embedding of number token n (its first 2K dims):
+    the logit of number n for a hidden state equal to the code of m is amplitude^2 * sum_k cos(w_k (n - m)),
+    peaked at n = m, so copying or nudging a coordinate is easy to learn. The image tokens carry the same
+    code of their cell's centre (``init_position_reader``). The amplitude matches the norm of HF's random
+    rows (std 0.02) for hidden 128.
     """
     import torch
 
-    k = max(hidden_size // 8, 1)
-    periods = torch.logspace(torch.log10(torch.tensor(6.0)), torch.log10(torch.tensor(4.0 * image_size)), k)
-    angles = torch.arange(count, dtype=torch.float32)[:, None] * (2 * torch.pi / periods)[None, :]
-    return amplitude * torch.cat([angles.cos(), angles.sin()], dim=1)
+    code = fourier_code(range(count), FREQUENCIES, image_size)
+    return amplitude * torch.tensor(code, dtype=torch.float32)
+
+
+def init_position_reader(model, merger_gain: float = 0.12) -> None:
+    """Sets the vision tower so that image token i's first 4K dims are the code of its cell's centre.
+
+    The synthetic images carry that code in barcodes (data/position_code.py): pixels = 128 + A * Q f.
+    1. patch embedding, out dims d < 4K: weight = Q[:, d] * 255 * std_c / (2 A) on the barcode pixels of
+       both temporal copies, 0 elsewhere; with the processor's x = (p / 255 - mean_c) / std_c this gives
+       sum = Q^T (p - 255 mean) / A = f_d, because Q is orthogonal to each channel's constant.
+    2. vision blocks: their attention and MLP outputs skip dims < 4K, so the residual stream keeps f.
+    3. merger (RMSNorm, Linear, GELU, Linear over the 2x2 patches): the first patch's dims < 4K go
+       through as z -> GELU(z + 4) - 4 ~ z (|z| < 2), into the token's dims < 4K; the rest stay random and
+       do not write there. The RMSNorm scales f per token, which keeps its direction.
+    Everything else keeps its random start; all of it trains.
+    """
+    import torch
+    from transformers.image_utils import OPENAI_CLIP_STD
+
+    n = 4 * FREQUENCIES
+    visual = model.model.visual
+    if visual.config.hidden_size < n + 16:
+        raise ValueError(f"the position reader needs vision_hidden_size >= {n + 16}, got {visual.config.hidden_size}")
+    q = torch.tensor(barcode_basis(FREQUENCIES), dtype=torch.float32)  # (rows, 14, 3, n)
+    rows = q.shape[0]
+    with torch.no_grad():
+        weight = visual.patch_embed.proj.weight  # (hidden, 3, T, 14, 14)
+        weight[:n] = 0
+        for c in range(3):
+            read = q[:, :, c, :].permute(2, 0, 1) * (255 * OPENAI_CLIP_STD[c] / (2 * AMPLITUDE))
+            weight[:n, c, :, :rows, :] = read[:, None]
+        for block in visual.blocks:
+            for out in (block.attn.proj, block.mlp.down_proj):
+                out.weight[:n] = 0
+                out.bias[:n] = 0
+        first, last = visual.merger.mlp[0], visual.merger.mlp[2]
+        first.weight[:n] = 0
+        first.weight[:n, :n] = torch.eye(n)
+        first.bias[:n] = 4.0
+        last.weight[:, :n] = 0
+        last.weight[:n] = 0
+        last.weight[:n, :n] = merger_gain * torch.eye(n)
+        last.bias[:n] = -4.0 * merger_gain
+        # dim n: a constant "this is an image token" marker, what the retrieval head looks for
+        last.weight[n] = 0
+        last.bias[n] = IMAGE_MARKER
+    init_image_retrieval_head(model, n)
+
+
+IMAGE_MARKER = 1.0
+
+
+def init_image_retrieval_head(model, n: int, logit_gap: float = 12.0, copy_gain: float = 1.0) -> None:
+    """Sets head 0 of the first decoder layer to read the image tokens' position codes into every position.
+
+    query: a constant (bias) in head dim h-1, the rotary pair with the lowest frequency (M-RoPE leaves it
+    unrotated to ~1e-3 rad over a 1k-token context); key: the image marker (model dim n) in that dim.
+    So every position attends to the image tokens (logit gap ~logit_gap over text tokens), and the value/
+    output pair copies model dims < n (the codes) into the same residual dims. Attention is then uniform
+    over the image tokens: the start of a grounding head whose selection (which image token) is learned.
+    """
+    import torch
+
+    attn = model.model.language_model.layers[0].self_attn
+    h = attn.head_dim
+    if n > h:
+        raise ValueError(f"the retrieval head copies {n} dims, head_dim is {h}")
+    with torch.no_grad():
+        marker = h - 1
+        attn.q_proj.weight[:h] = 0
+        attn.q_proj.bias[:h] = 0
+        attn.q_proj.bias[marker] = 1.0
+        attn.k_proj.weight[:h] = 0
+        attn.k_proj.bias[:h] = 0
+        # an image token's normalised marker is ~sqrt(hidden) x its share of the token's norm
+        attn.k_proj.weight[marker, n] = logit_gap * h ** 0.5 / (model.config.text_config.hidden_size ** 0.5 * 0.7)
+        attn.v_proj.weight[:h] = 0
+        attn.v_proj.bias[:h] = 0
+        attn.v_proj.weight[:n, :n] = copy_gain * torch.eye(n)
+        attn.o_proj.weight[:, :h] = 0
+        attn.o_proj.weight[:n, :n] = torch.eye(n)
 
 
 def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size: int = 128,
                       layers: int = 2, heads: int = 2, vision_hidden_size: int = 64,
-                      vision_layers: int = 1, seed: int = 0, number_code: bool = False) -> Path:
+                      vision_layers: int = 1, seed: int = 0, number_code: bool = False,
+                      position_reader: bool = False) -> Path:
     """Writes config, random weights (safetensors), tokenizer, processor and chat template to out_dir.
 
     number_code: initialise the number tokens' input and output embeddings with a Fourier code of their
     value (``number_code_rows``) instead of noise, so that nearby numbers start out similar.
+    position_reader: initialise the vision tower to read the synthetic images' position barcodes
+    (``init_position_reader``); needs vision_hidden_size >= 80.
     Idempotent: an existing complete directory built with the same settings is reused.
     """
     import torch
@@ -82,6 +166,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
                     vision_hidden_size=vision_hidden_size, vision_layers=vision_layers, seed=seed)
     if number_code:  # only when set, so directories built before the option existed stay valid
         settings["number_code"] = True
+    if position_reader:
+        settings["position_reader"] = True
     marker = out / "tiny_policy.json"
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "model.safetensors").exists():
         return out
@@ -122,12 +208,14 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     if number_code:
         # "0".."9" are byte tokens already, "10".."1023" added ones: look every id up, not a range
         number_ids = torch.tensor([backend.token_to_id(t) for t in NUMBER_TOKENS])
-        code = number_code_rows(len(NUMBER_TOKENS), hidden_size, image_size)
+        code = number_code_rows(len(NUMBER_TOKENS), image_size)
         with torch.no_grad():
             for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
                 rows = table[number_ids] * 0.5
                 rows[:, :code.shape[1]] += code
                 table[number_ids] = rows
+    if position_reader:
+        init_position_reader(model)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)

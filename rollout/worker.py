@@ -56,10 +56,15 @@ class RolloutWorker:
             # image_size x image_size and neither side may resize them again.
             mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
             worker_extension_cls=EXTENSION,
+            # logprobs of the distribution sampled from (after temperature), what the learner computes
+            # with logits / rollout.temperature; at temperature 1 the two modes agree
+            logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs",
         )
         if on_gpu:
             engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization,
                                enable_sleep_mode=r.enable_sleep_mode)
+            if r.tensor_parallel_size > 1:  # TP workers as Ray actors in this engine's placement group
+                engine_args["distributed_executor_backend"] = "ray"
             if r.weight_sync == "nccl":
                 from vllm.config import WeightTransferConfig
 
@@ -94,9 +99,9 @@ class RolloutWorker:
         (as vLLM tokenized it, image pads expanded), "responses": n x {"token_ids", "logprobs",
         "text", "finish_reason"}, "weight_version"}. A prompt longer than rollout.max_model_len
         gets "responses": [] and "prompt_ids": [] (logged), not an exception for the batch. ``token_ids`` end with <|im_end|> when the
-        answer finished ("stop"). ``logprobs[t]`` = log softmax(logits_t)[token_t] of the policy
-        at temperature 1 (vLLM raw_logprobs), the quantity the learner recomputes; it equals the
-        sampling distribution's when temperature = top_p = 1 (Seg-Zero's setting).
+        answer finished ("stop"). ``logprobs[t]`` = log softmax(logits_t / T)[token_t] with T =
+        rollout.temperature (vLLM raw_logprobs at T = 1, processed_logprobs otherwise), the quantity the
+        learner recomputes (top_p must stay 1 for the two to agree).
 
         Randomness comes from the engine's generator: vLLM's CPU build crashes on per-request seeds
         ("CPU Generator does not use offset"), so none are set; ``seed`` reseeds the engine's workers

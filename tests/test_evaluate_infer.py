@@ -64,3 +64,13 @@ def test_infer_writes_mask_and_overlay(tmp_path, memorised_policy):
     untouched = corner & far & ~mask
     if untouched.any():
         assert np.abs(top[untouched] - image[untouched]).max() < 1.0
+
+
+def test_overlay_draws_an_inverted_box_instead_of_failing(tmp_path):
+    from evaluation.overlay import BOX_COLOUR, save_overlay
+
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    path = tmp_path / "o.png"
+    save_overlay(path, image, query="the red circle", box=[40, 50, 10, 20], points=[[5, 5]], min_width=64)
+    pixels = np.asarray(Image.open(path).convert("RGB"))[:64]
+    assert (pixels[20:51, 10] == BOX_COLOUR).all(axis=-1).any()  # the left edge, at x = min(x1, x2)

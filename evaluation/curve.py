@@ -1,0 +1,53 @@
+"""The learning curve of a run: reward per term during GRPO and held-out IoU, one PNG.
+
+Reads the metric history back from MLflow (so a resumed run plots its whole history) and draws two
+panels: left, the mean training reward of each term per GRPO step (reward/*, the G answers of every
+prompt of the step); right, the held-out gIoU and cIoU (eval/*, greedy answers, mask IoU) and the
+held-out box IoU at the steps where evaluation ran (step 0 = after the warm start).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+REWARD_PREFIX, EVAL_KEYS = "reward/", ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou")
+
+
+def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} sorted by step, for the run's reward/* and eval IoU metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    names = keys or [k for k in client.get_run(run_id).data.metrics
+                     if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS]
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in names}
+
+
+def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """Writes the two-panel PNG to ``path``; returns it. Works headless (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted(k for k in history if k.startswith(REWARD_PREFIX)):
+        steps, values = zip(*history[key]) if history[key] else ((), ())
+        style = dict(linewidth=2.5, color="black") if key == "reward/total" else dict(linewidth=1.2)
+        left.plot(steps, values, label=key[len(REWARD_PREFIX):], **style)
+    left.set(xlabel="GRPO step", ylabel="mean reward (training samples)", title="reward per term")
+    left.legend(fontsize=8)
+    for key in EVAL_KEYS:
+        if history.get(key):
+            steps, values = zip(*history[key])
+            right.plot(steps, values, marker="o", label=key.split("/", 1)[1])
+    right.set(xlabel="GRPO step (0 = after the warm start)", ylabel="IoU", title="held-out IoU (greedy)")
+    right.set_ylim(0, 1)
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
