@@ -251,7 +251,7 @@ def train(cfg, resume: str | None = None) -> None:
         if cfg.eval.enabled:
             log_eval(cfg, workers, eval_samples, out, step)
         curve = plot_learning_curve(metric_history(run.info.run_id), out / "learning_curve.png",
-                                    title=f"{cfg.tracking.run_name or 'run'}: seed {cfg.train.seed}")
+                                    title=f"{cfg.tracking.run_name or 'default run'}, train.seed {cfg.train.seed}")
         mlflow.log_artifact(str(curve))
         log.info("learning curve: %s", curve)
         save_checkpoint(data.state_dict())
