@@ -117,7 +117,7 @@ def train(cfg, resume: str | None = None) -> None:
                         type(exc).__name__)
             for w in targets:
                 wait_until_alive(w, time.monotonic() + cfg.cluster.startup_timeout_s)
-            metrics = push()
+            metrics = {**push(), "sync/worker_restarts": 1}
         if cfg.cluster.sync_parity_check:
             metrics["sync/parity_max_diff"] = parity_check(learners, targets, probe, cfg.cluster.sync_parity_tolerance,
                                                            timeout)
