@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import NOISE, mean, measured, policy_overrides, print_breakdown, run_launch  # noqa: E402
+from step_time import NOISE, add_run_args, mean, measured, policy_overrides, print_breakdown, run_launch  # noqa: E402
 
 MODES = {"sync": ["rollout.stream_rewards=false"], "stream": [], "off-policy": ["rollout.off_policy=true"]}
 
@@ -36,11 +36,7 @@ MODES = {"sync": ["rollout.stream_rewards=false"], "stream": [], "off-policy": [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Extra section.field=value arguments go to every launch.py run.")
-    p.add_argument("--steps", type=int, default=5, help="GRPO steps per mode (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="first GRPO steps left out of the means")
-    p.add_argument("--policy", choices=["random", "memorised"], default="random",
-                   help="random: the untrained tiny policy (default); memorised: answers parse and are segmented")
-    p.add_argument("--sft-steps", type=int, default=0, help="launch.py's warm start, run once before the modes")
+    add_run_args(p, "GRPO steps per mode (default 5)", "launch.py's warm start, run once before the modes")
     p.add_argument("--repeats", type=int, default=1, help="run the three modes round-robin this many times")
     p.add_argument("--breakdown", action="store_true", help="also print each mode's step-time breakdown")
     p.add_argument("overrides", nargs="*")

@@ -180,14 +180,19 @@ def print_breakdown(m: dict[str, list[float]], title: str) -> None:
     print(f"{'reward/total':<46}{mean(m['reward/total']):>9.3f}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Extra section.field=value arguments go to launch.py.")
-    p.add_argument("--steps", type=int, default=5, help="GRPO steps (default 5)")
+def add_run_args(p: argparse.ArgumentParser, steps_help: str, sft_help: str) -> None:
+    """The options every launch.py-driven benchmark takes (this one and pipelining.py)."""
+    p.add_argument("--steps", type=int, default=5, help=steps_help)
     p.add_argument("--warmup", type=int, default=1, help="first GRPO steps left out of the means")
     p.add_argument("--policy", choices=["random", "memorised"], default="random",
                    help="random: the untrained tiny policy (default); memorised: answers parse and are segmented")
-    p.add_argument("--sft-steps", type=int, default=0, help="launch.py's warm start instead (default 0: off)")
+    p.add_argument("--sft-steps", type=int, default=0, help=sft_help)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Extra section.field=value arguments go to launch.py.")
+    add_run_args(p, "GRPO steps (default 5)", "launch.py's warm start instead (default 0: off)")
     p.add_argument("--config", default=None, help="YAML config (default configs/default.yaml)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
