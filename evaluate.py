@@ -88,7 +88,8 @@ def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = N
         tokens += [len(o["responses"][0]["token_ids"]) for o in outs]
     segmenter = make_segmenter(cfg.reward)
     result = evaluate_answers(samples, responses, tokens, segmenter, cfg.reward.rules, size,
-                              overlay_dir=out / "overlays", max_overlays=overlays)
+                              overlay_dir=out / "overlays", max_overlays=overlays,
+                              mask_reward_mode=cfg.reward.mask_iou, mask_threshold=cfg.reward.mask_threshold)
     result.update(split=str(split), policy=policy_path, segmenter=cfg.reward.segmenter)
     return result
 

@@ -347,8 +347,9 @@ def log_eval(cfg, workers, samples, out: Path, step: int) -> dict:
     mlflow.log_metrics(metrics, step=step)
     for path in result["overlays"]:
         mlflow.log_artifact(path, artifact_path=f"eval/step_{step:06d}")
-    log.info("eval at step %d: gIoU %.4f cIoU %.4f (segzero convention), parse failures %.1f%%", step,
-             result["giou_segzero"], result["ciou_segzero"], 100 * result["parse_failure_rate"])
+    log.info("eval at step %d: gIoU %.4f cIoU %.4f (segzero convention), box IoU %.4f, reward %.3f, "
+             "parse failures %.1f%%", step, result["giou_segzero"], result["ciou_segzero"], result["box_iou"],
+             result["reward"], 100 * result["parse_failure_rate"])
     return result
 
 

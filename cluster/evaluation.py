@@ -19,11 +19,13 @@ def _score(reward_cfg, samples, responses, tokens, size, overlay_dir, overlays):
     from reward.segmenters import make_segmenter
 
     return evaluate_answers(samples, responses, tokens, make_segmenter(reward_cfg), reward_cfg.rules, size,
-                            overlay_dir=overlay_dir, max_overlays=overlays)
+                            overlay_dir=overlay_dir, max_overlays=overlays, mask_reward_mode=reward_cfg.mask_iou,
+                            mask_threshold=reward_cfg.mask_threshold)
 
 
 def evaluate_policy(cfg: Config, workers: list, samples: list[Sample], overlay_dir: str) -> dict:
-    """gIoU/cIoU (both conventions), parse failures, response length of the current policy on samples."""
+    """gIoU/cIoU (both conventions), box IoU, parse failures, response length and reward (per term and
+    total) of the current policy's greedy answers on samples."""
     size = cfg.model.image_size
     per_worker = [samples[i::len(workers)] for i in range(len(workers))]
     refs = [w.generate.remote([{"sample_id": s.id, "problem": s.problem, "image": s.model_image(size)}

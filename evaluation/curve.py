@@ -2,14 +2,16 @@
 
 Reads the metric history back from MLflow (so a resumed run plots its whole history) and draws two
 panels: left, the mean training reward of each term per GRPO step (reward/*, the G answers of every
-prompt of the step); right, the held-out gIoU and cIoU (eval/*, greedy answers, mask IoU) and the
-held-out box IoU at the steps where evaluation ran (step 0 = after the warm start).
+prompt of the step) and the held-out reward of the greedy answers (eval/reward); right, the held-out
+gIoU and cIoU (eval/*, greedy answers, mask IoU), box IoU and parse-failure rate, at the steps where
+evaluation ran (step 0 = after the warm start).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-REWARD_PREFIX, EVAL_KEYS = "reward/", ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou")
+REWARD_PREFIX, HELD_OUT_REWARD = "reward/", "eval/reward"
+EVAL_KEYS = ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou", "eval/parse_failure_rate")
 
 
 def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]:
@@ -18,7 +20,7 @@ def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]
 
     client = MlflowClient()
     names = keys or [k for k in client.get_run(run_id).data.metrics
-                     if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS]
+                     if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS or k == HELD_OUT_REWARD]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in names}
 
 
@@ -34,13 +36,17 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
         steps, values = zip(*history[key]) if history[key] else ((), ())
         style = dict(linewidth=2.5, color="black") if key == "reward/total" else dict(linewidth=1.2)
         left.plot(steps, values, label=key[len(REWARD_PREFIX):], **style)
-    left.set(xlabel="GRPO step", ylabel="mean reward (training samples)", title="reward per term")
+    if history.get(HELD_OUT_REWARD):
+        steps, values = zip(*history[HELD_OUT_REWARD])
+        left.plot(steps, values, "k--o", label="held-out total (greedy)")
+    left.set(xlabel="GRPO step", ylabel="mean reward", title="reward per term (training samples)")
     left.legend(fontsize=8)
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
-            right.plot(steps, values, marker="o", label=key.split("/", 1)[1])
-    right.set(xlabel="GRPO step (0 = after the warm start)", ylabel="IoU", title="held-out IoU (greedy)")
+            right.plot(steps, values, marker="o", label=key.split("/", 1)[1],
+                       **(dict(color="grey", linestyle=":") if key == "eval/parse_failure_rate" else {}))
+    right.set(xlabel="GRPO step (0 = after the warm start)", ylabel="IoU / rate", title="held-out (greedy)")
     right.set_ylim(0, 1)
     right.legend(fontsize=8)
     if title:

@@ -74,3 +74,27 @@ def test_overlay_draws_an_inverted_box_instead_of_failing(tmp_path):
     save_overlay(path, image, query="the red circle", box=[40, 50, 10, 20], points=[[5, 5]], min_width=64)
     pixels = np.asarray(Image.open(path).convert("RGB"))[:64]
     assert (pixels[20:51, 10] == BOX_COLOUR).all(axis=-1).any()  # the left edge, at x = min(x1, x2)
+
+
+def test_evaluation_scores_answers_with_the_training_reward(synthetic_split):
+    """eval reward = the rule terms + the mask term, as the reward pool scores a training answer."""
+    from config import Config
+    from data.dataset import ParquetSource
+    from evaluation.run import evaluate_answers
+    from reward.segmenters import make_segmenter
+
+    size = 112
+    samples = [s for _, s in zip(range(2), ParquetSource(synthetic_split, shuffle=False).iter_epoch())]
+    responses = [samples[0].reference_answer(size), "<think>no idea</think><answer>{'bbox': oops}</answer>"]
+    cfg = Config().reward
+    result = evaluate_answers(samples, responses, [10, 10], make_segmenter(cfg), "segzero", size,
+                              max_overlays=0, mask_reward_mode="continuous")
+    records = result["samples"]
+    # The reference answer earns every rule term; the malformed one only the think format.
+    assert [result[f"reward_{t}"] for t in ("think_format", "answer_format", "bbox_iou", "bbox_l1", "point_l1")] \
+        == [1.0, 0.5, 0.5, 0.5, 0.5]
+    assert result["reward_mask_iou"] == pytest.approx(records[0]["iou"] / 2) and records[0]["iou"] > 0.5
+    terms = [v for k, v in result.items() if k.startswith("reward_")]
+    assert result["reward"] == pytest.approx(sum(terms)) and len(terms) == 6
+    off = evaluate_answers(samples, responses, [10, 10], make_segmenter(cfg), "segzero", size, max_overlays=0)
+    assert "reward_mask_iou" not in off and off["reward"] == pytest.approx(result["reward"] - result["reward_mask_iou"])
