@@ -185,10 +185,11 @@ class Learner:
             chunk = samples[i * mbs:(i + 1) * mbs]
             yield (chunk, True) if chunk else ([self._filler], False)
 
-    def _forward(self, module, batch: dict, with_entropy: bool = False):
+    def _forward(self, module, batch: dict, with_entropy: bool = False, temperature: float | None = None):
+        """Token logprobs under logits / T; T defaults to the rollout temperature (the sampling policy)."""
         out = module(**model_inputs(batch, self.device, self.dtype))
         return token_logprobs(out.logits, batch["response_ids"].to(self.device),
-                              self.cfg.rollout.temperature, with_entropy)
+                              self.cfg.rollout.temperature if temperature is None else temperature, with_entropy)
 
     def _counts(self, shard: list[dict], num_tokens, num_seqs) -> tuple[float, float]:
         if num_tokens is None or num_seqs is None:
@@ -270,6 +271,9 @@ class Learner:
     def sft_step(self, shard: list[dict], num_tokens: int | None = None) -> dict[str, float]:
         """Supervised warm start: loss = sum over response tokens of -log p / num_tokens (whole batch).
 
+        p = softmax(logits) at temperature 1: the warm start fits the model itself; the rollout
+        temperature is how GRPO then samples from it.
+
         shard: dicts with prompt, image, response_ids. Same engine, optimizer and LR schedule as GRPO.
         Returns loss, grad_norm, lr, tokens.
         """
@@ -279,7 +283,7 @@ class Learner:
         for chunk, real in self._micro_batches(shard):
             batch = collate(self.processor, chunk, self.pad_id)
             mask = batch["response_mask"].to(self.device) * float(real)
-            logp, _ = self._forward(self.engine, batch)
+            logp, _ = self._forward(self.engine, batch, temperature=1.0)
             loss = -(logp * mask).sum() / max(num_tokens, 1.0)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += loss.item()

@@ -1,19 +1,19 @@
-"""It learns: the default run (warm start, then GRPO) raises the reward and keeps the answers parseable.
+"""It learns: GRPO improves the held-out answers over the warm start (the default run, seed 0).
 
 Everything real (launch.py: vLLM rollouts, the reward pool, the DeepSpeed learner, weight sync). The run
-is the embedded default with seed 0 minus the intermediate evaluations. It is deterministic (seeded data
-order, seeded vLLM sampling; tests/test_launch.py checks that a resumed run reproduces every reward), so
-the margins below are set against the numbers it gave, with room for a different machine's float
-rounding:
-- the mean training reward of the last 5 GRPO steps exceeds that of the first 5 by >= REWARD_GAIN.
-  Default runs, seeds 0/1/2: +0.18 / +0.07 / +0.49 (this test runs seed 0). A step's mean over 32 answers
-  has a standard deviation of ~0.2, so a 5-step mean ~0.09: 0.1 is above that noise and about half of
-  seed 0's gain. A sign error in the loss or advantages, or weights that never reach vLLM, make the
-  reward fall or stay flat.
-- after the warm start and after GRPO, held-out greedy answers parse (failure rate <= MAX_PARSE_FAILURES;
-  seed 0: 0% at both ends).
-Held-out IoU is logged (eval/box_iou) but not asserted: GRPO's gain on it is within the seed spread
-(README, "What python launch.py does").
+is the embedded default with seed 0, evaluated only after the warm start and at the end (greedy answers
+on the 48 held-out rows). It is deterministic (seeded data order, seeded vLLM sampling;
+tests/test_launch.py checks that a resumed run reproduces every reward), so the margins are set against
+what the default gave, with room for another machine's float rounding. Default runs, seeds 0 / 1 / 2,
+warm start -> after 40 GRPO steps:
+- held-out reward (the training reward of the greedy answers, 0..6): +0.27 / +1.05 / +0.55. The test
+  asks for >= HELD_OUT_REWARD_GAIN = 0.10, about a third of the smallest gain. Greedy answers are
+  deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the loss or the
+  advantages makes the reward fall.
+- held-out gIoU (mean mask IoU): +0.084 / +0.024 / +0.048. The test asks seed 0 for >= GIOU_GAIN = 0.03.
+  Issue #5's target is +0.10; README says where the default stands.
+- training reward, mean of the last 5 GRPO steps minus the first 5: +0.16 / +0.51 / +1.30; the test asks
+  for >= REWARD_GAIN = 0.05.
 """
 import subprocess
 import sys
@@ -25,11 +25,12 @@ from config import REPO
 
 pytestmark = pytest.mark.slow
 
-REWARD_GAIN = 0.10
-MAX_PARSE_FAILURES = 0.10
+HELD_OUT_REWARD_GAIN = 0.10
+GIOU_GAIN = 0.03
+REWARD_GAIN = 0.05
 
 
-def test_default_run_raises_the_reward_and_answers_stay_parseable(tmp_path):
+def test_grpo_improves_held_out_reward_and_iou_over_the_warm_start(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "launch.py", f"train.output_dir={out}", "tracking.system_metrics=false",
             "tracking.log_model=false", "eval.every_n_steps=0"]
@@ -44,8 +45,9 @@ def test_default_run_raises_the_reward_and_answers_stay_parseable(tmp_path):
     values = list(rewards.values())
     first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
     assert last - first >= REWARD_GAIN, rewards
-    failures = history("eval/parse_failure_rate")
-    assert sorted(failures) == [0, steps]
-    assert max(failures.values()) <= MAX_PARSE_FAILURES, failures
-    assert sorted(history("eval/box_iou")) == [0, steps]
+    held_out = history("eval/reward")
+    assert sorted(held_out) == [0, steps]
+    assert held_out[steps] - held_out[0] >= HELD_OUT_REWARD_GAIN, held_out
+    giou = history("eval/giou_segzero")
+    assert giou[steps] - giou[0] >= GIOU_GAIN, giou
     assert (out / "learning_curve.png").stat().st_size > 10_000
