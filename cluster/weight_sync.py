@@ -74,7 +74,8 @@ def parity_check(learners: list, workers: list, probe: dict, tolerance: float, t
     not reset); a healthy fp32 sync on CPU differs by ~2e-6.
     """
     shards = [[probe]] + [[] for _ in learners[1:]]
-    reference = ray.get([l.logprobs.remote(s) for l, s in zip(learners, shards)], timeout=timeout_s)[0][0]
+    # vLLM's prompt logprobs are the raw model's (temperature 1), whatever the rollout temperature
+    reference = ray.get([l.logprobs.remote(s, 1.0) for l, s in zip(learners, shards)], timeout=timeout_s)[0][0]
     prompt = {"problem": probe["problem"], "image": probe["image"]}
     served = ray.get([w.probe_logprobs.remote(prompt, probe["response_ids"]) for w in workers], timeout=timeout_s)
     diffs = [max(abs(a - b) for a, b in zip(reference, got)) for got in served]

@@ -292,13 +292,15 @@ class Learner:
         return metrics
 
     @torch.no_grad()
-    def logprobs(self, seqs: list[dict]) -> list[list[float]]:
-        """Per-token logprobs of each seq's response_ids under the current policy (no grad)."""
+    def logprobs(self, seqs: list[dict], temperature: float | None = None) -> list[list[float]]:
+        """Per-token logprobs of each seq's response_ids under the current policy (no grad), at
+        logits / temperature (default: the rollout temperature; parity checks against vLLM's prompt
+        logprobs, which are unscaled, pass 1.0)."""
         self.engine.eval()
         out = []
         for chunk, real in self._micro_batches(seqs):
             batch = collate(self.processor, chunk, self.pad_id)
-            logp, _ = self._forward(self.engine, batch)
+            logp, _ = self._forward(self.engine, batch, temperature=temperature)
             if real:
                 out += [logp[i, :len(s["response_ids"])].tolist() for i, s in enumerate(chunk)]
         return out
