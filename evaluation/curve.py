@@ -40,7 +40,7 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
         steps, values = zip(*history[HELD_OUT_REWARD])
         left.plot(steps, values, "k--o", label="held-out total (greedy)")
     left.set(xlabel="GRPO step", ylabel="mean reward", title="reward per term (training samples)")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="center", ncol=3)  # between the totals (~1.5-4) and the 0/1 terms
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
