@@ -92,7 +92,7 @@ class RolloutConfig(Section):
     prompts_per_step: int = Field(4, ge=1, description="Prompts sampled per training step (Seg-Zero: 16).")
     group_size: int = Field(4, ge=2, description="Answers sampled per prompt, G (Seg-Zero: 8).")
     temperature: float = Field(
-        1.0, gt=0, description="Sampling temperature. The learner scores tokens with logits / T (GRPO ratio, KL, and the warm start's loss), so what is trained is the distribution vLLM samples from.")
+        1.0, gt=0, description="Sampling temperature. GRPO's learner scores tokens with logits / T (ratio, KL), so what is trained is the distribution vLLM samples from; the warm start fits the logits at T = 1.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
     min_new_tokens: int = Field(
