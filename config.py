@@ -161,7 +161,7 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: ratio >= 1 - clip_low.")
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above: ratio <= 1 + clip_high (clip-higher when > clip_low).")
-    kl_coef: float = Field(5e-3, ge=0, description="KL-to-reference coefficient (0 skips the reference model).")
+    kl_coef: float = Field(5e-3, ge=0, description="KL-to-reference coefficient (0 skips the reference model). The reference is the policy GRPO starts from: the warm-started one when train.sft_steps > 0.")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (Seg-Zero: 1e-3).")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
@@ -181,7 +181,8 @@ class TrainConfig(Section):
     steps: int = Field(20, ge=1, description="GRPO steps.")
     sft_steps: int = Field(
         0, ge=0, description="Supervised warm-start steps on the dataset's reference answers before GRPO "
-        "(0: none). Also Seg-Zero's SFT baseline when run alone (train.steps small).")
+        "(0: none). The warm-started policy is written to train.output_dir/warm_start_policy: Seg-Zero's SFT "
+        "baseline (evaluate.py --checkpoint) and GRPO's KL reference.")
     sft_batch_size: int = Field(16, ge=1, description="Sequences per warm-start step.")
     sft_lr: float = Field(1e-3, gt=0, description="Learning rate of the warm start (GRPO uses learner.lr).")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")

@@ -125,6 +125,7 @@ def train(cfg, resume: str | None = None) -> None:
 
     # 3. Resume: learner state from DeepSpeed, driver state (data position, step, RNG, MLflow run).
     step, sft_done, run_id = 0, 0, None
+    warm_start = out / "warm_start_policy"
     if ckpt is not None:
         ray.get([l.load_checkpoint.remote(str(ckpt)) for l in learners], timeout=timeout)
         state = checkpoint.load_driver_state(ckpt)
@@ -132,6 +133,11 @@ def train(cfg, resume: str | None = None) -> None:
         step, sft_done, run_id, version = state["step"], state["sft_done"], state["mlflow_run_id"], state["weight_version"]
         sync()
         log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, step, sft_done, run_id)
+        if sft_done >= cfg.train.sft_steps > 0:  # past the warm start: its policy is the KL reference
+            if warm_start.exists():
+                ray.get([l.set_reference.remote(str(warm_start)) for l in learners], timeout=timeout)
+            else:
+                log.warning("%s is missing: the KL reference is the initial policy", warm_start)
 
     def save_checkpoint(data_state: dict):
         """data_state: the data position of the first batch not trained on yet."""
@@ -161,6 +167,10 @@ def train(cfg, resume: str | None = None) -> None:
                 metrics = all_ranks(learners, "sft_step", batch, timeout)
                 mlflow.log_metrics({f"sft/{k}": float(v) for k, v in metrics.items()}, step=sft_done)
             ray.get([l.set_lr.remote(cfg.learner.lr) for l in learners], timeout=timeout)
+            # The warm-started policy: Seg-Zero's "SFT" baseline (evaluate.py --checkpoint) and GRPO's KL reference.
+            ray.get([l.export_hf.remote(str(warm_start)) for l in learners], timeout=timeout)
+            log.info("warm-started policy: %s", warm_start)
+            ray.get([l.set_reference.remote(str(warm_start)) for l in learners], timeout=timeout)
             version = sft_done
             sync()
         if cfg.eval.enabled and step == 0:

@@ -72,8 +72,8 @@ def answer_json(bbox, points) -> str:
 def reference_answer(problem: str, bbox, points, reasoning: str | None = None) -> str:
     """A correct response for supervised warm start: ``<think>{reasoning}</think><answer>{json}</answer>``.
 
-    Without a reasoning hint the think part restates the query. Kept short on purpose: the tiny
-    policy's byte-level tokenizer spends one token per character (coordinates are single tokens).
+    Without a reasoning hint the think part restates the query. Kept short on purpose: every token of
+    it is one more step of rollout and learner compute.
     """
     think = reasoning if reasoning else problem.lower().strip(" .")
     return f"<think>{think}</think><answer>{answer_json(bbox, points)}</answer>"

@@ -16,7 +16,9 @@ Metrics are reduced inside (all-reduce), so every rank returns the same whole-ba
 
 Reference model (KL): not built when kl_coef == 0. ZeRO-2 keeps a plain frozen copy on every rank
 (ZeRO-2 holds the full policy anyway); ZeRO-3 wraps it in a DeepSpeed engine without optimizer so the
-reference is partitioned like the policy and gathered layer by layer in its forward.
+reference is partitioned like the policy and gathered layer by layer in its forward. It starts as the
+policy at ``policy_path``; after a warm start the driver points it at the warm-started policy
+(``set_reference``), the policy GRPO starts from, as in Seg-Zero/TRL/OpenRLHF.
 """
 from __future__ import annotations
 
@@ -123,18 +125,25 @@ class Learner:
         self.pad_id = self.processor.tokenizer.pad_token_id
         ds_config = deepspeed_config(cfg, bf16)
 
-        def load():
+        def load(path: str):
             # Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model inside zero.Init:
             # each rank only ever materialises its own partition of the weights.
             zero3 = _ZeroConfigForHF(ds_config)  # held here: transformers keeps only a weakref
             if lc.zero_stage == 3:
                 set_hf_deepspeed_config(zero3)
             try:
-                return AutoModelForImageTextToText.from_pretrained(self.policy_path, dtype=self.dtype)
+                return AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype)
             finally:
                 unset_hf_deepspeed_config()
 
-        model = load()
+        def load_reference(path: str):
+            ref = load(path).eval().requires_grad_(False)
+            if lc.zero_stage == 3:
+                return deepspeed.initialize(model=ref, config=deepspeed_config(cfg, bf16, with_optimizer=False))[0]
+            return ref.to(self.device)
+
+        self._load_reference = load_reference
+        model = load(self.policy_path)
         if lc.freeze_vision:
             model.model.visual.requires_grad_(False)
         if lc.gradient_checkpointing:
@@ -151,13 +160,7 @@ class Learner:
         self.model = self.engine.module
         self.hf_names = checkpoint_names(self.model)
 
-        self.ref = None
-        if lc.kl_coef > 0:
-            ref = load().eval().requires_grad_(False)
-            if lc.zero_stage == 3:
-                self.ref = deepspeed.initialize(model=ref, config=deepspeed_config(cfg, bf16, with_optimizer=False))[0]
-            else:
-                self.ref = ref.to(self.device)
+        self.ref = load_reference(self.policy_path) if lc.kl_coef > 0 else None
         # Padding micro-batches (see module docstring) forward this sample with zero weight.
         size = cfg.model.image_size
         from PIL import Image
@@ -370,6 +373,14 @@ class Learner:
                 pass  # the policy has no generation_config.json
         if self.world_size > 1:
             dist.barrier()
+
+    def set_reference(self, policy_dir: str | Path) -> None:
+        """Makes the HF policy at policy_dir (``export_hf`` of the warm start) the KL reference. Without
+        it GRPO's KL would pull the warm-started policy back towards the random weights it started from.
+        No-op when kl_coef == 0."""
+        if self.ref is not None:
+            self.ref = None  # free the old copy first
+            self.ref = self._load_reference(str(policy_dir))
 
     def set_lr(self, lr: float) -> None:
         """Sets the base learning rate (the warm-up schedule still applies): the warm start uses

@@ -2,7 +2,10 @@
 
 Nothing is downloaded: the tokenizer is byte-level (every UTF-8 byte is a token, so any text round-trips)
 with Qwen's special tokens, plus whole-number tokens 0..1023 and the Seg-Zero tags as single tokens, so
-a coordinate is one token and the tiny model can learn positions as a classification. The weights are
+a coordinate is one token and the tiny model can learn positions as a classification, plus the words of
+the Seg-Zero prompt, the synthetic queries and the answer JSON's keys as single tokens (``WORD_TOKENS``),
+as a real BPE vocabulary would have them: the prompt is ~90 tokens instead of ~590 bytes and an answer
+~25 instead of ~70, which makes every rollout and learner step several times cheaper. The weights are
 random (seeded); the warm start (train.sft_steps) teaches the answer format.
 """
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import re
+
 from data.position_code import AMPLITUDE, FREQUENCIES, barcode_basis, fourier_code
+from data.synthetic import COLOURS, DIRECTIONS, EXTREMES, SHAPES
+from policy.prompt import EXAMPLE_ANSWER, SEGZERO_TEMPLATE, SYSTEM_PROMPT
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -19,6 +26,19 @@ QWEN_SPECIAL_TOKENS = [
 ]
 SEGZERO_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 NUMBER_TOKENS = [str(i) for i in range(1024)]
+
+
+def _word_tokens() -> list[str]:
+    """Words (with and without their leading space) of the system prompt, the Seg-Zero template and the
+    synthetic queries, and the fixed pieces of the answer JSON (data/segzero.answer_json)."""
+    vocabulary = " ".join([SYSTEM_PROMPT, SEGZERO_TEMPLATE, EXAMPLE_ANSWER, *COLOURS, *SHAPES, *DIRECTIONS,
+                           *EXTREMES, "the shape largest smallest system user assistant"])
+    words = sorted({w.strip() for w in re.findall(r" ?[A-Za-z_]+", vocabulary)})
+    answer_pieces = ['{"bbox":[', '],"points_1":[', '],"points_2":[', ']}']
+    return answer_pieces + [form for w in words for form in (w, " " + w)]
+
+
+WORD_TOKENS = _word_tokens()
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,6 +65,7 @@ def _byte_level_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
     tok.add_tokens(SEGZERO_TAGS + NUMBER_TOKENS)
+    tok.add_tokens(WORD_TOKENS)  # after the numbers: number token ids do not depend on the word list
     return tok
 
 

@@ -51,6 +51,10 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     # After every sync vLLM served the learner's weights: same logprobs on the probe (fp32: ~1e-6).
     assert max(metric("sync/parity_max_diff").values()) < 1e-3
     assert (full / "final_policy" / "config.json").exists()
+    # GRPO's KL reference is the warm-started policy (exported), so the first step's KL is 0, not the
+    # distance back to the random initial weights.
+    assert (full / "warm_start_policy" / "config.json").exists()
+    assert abs(metric("kl")[1]) < 1e-6
     client = mlflow.MlflowClient(f"sqlite:///{full / 'mlflow.db'}")
     assert "final_policy/config.json" in [a.path for a in client.list_artifacts(run.info.run_id, "final_policy")]
     # In a fresh process: one vLLM engine per process (a second in-process engine in the same pytest
@@ -77,7 +81,7 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
 
     # Steps 3..n saw the same prompts and produced the same rewards and parameters as the uninterrupted run.
     _, resumed = history(cut)
-    for name in ("batch/ids_crc", "reward/total", "loss", "weight_version"):
+    for name in ("batch/ids_crc", "reward/total", "loss", "kl", "weight_version"):  # kl: same reference
         for step in range(3, STEPS + 1):
             assert resumed(name)[step] == pytest.approx(metric(name)[step], abs=1e-6), (name, step)
     a = load_file(full / "final_policy" / "model.safetensors")

@@ -244,6 +244,19 @@ def test_export_hf_loads_in_transformers_with_same_logprobs(learner, policy_dir,
         assert not torch.allclose(exported, hf_logprobs(original, processor, s), atol=1e-3)
 
 
+def test_set_reference_measures_kl_from_the_exported_policy(learner, tmp_path):
+    # What launch.py does after the warm start: the warm-started policy becomes the KL reference.
+    samples = [s for s in make_samples(4, seed=8) if s["response_ids"]]
+    for s, lp in zip(samples, learner.logprobs(samples)):
+        s["logprobs"] = lp
+    learner.train_step(samples)
+    assert learner.train_step(samples)["kl"] > 1e-6  # the policy has moved off the reference
+    learner.export_hf(tmp_path / "warm")
+    learner.set_reference(tmp_path / "warm")
+    assert learner.train_step(samples)["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert learner.train_step(samples)["kl"] > 0  # and it stays there while the policy moves on
+
+
 def test_zero3_frozen_vision_with_checkpointing_trains_and_syncs_only_the_language_model(policy_dir):
     from learner.learner import Learner
 

@@ -5,15 +5,15 @@ is the embedded default with seed 0, evaluated only after the warm start and at 
 on the 48 held-out rows). It is deterministic (seeded data order, seeded vLLM sampling;
 tests/test_launch.py checks that a resumed run reproduces every reward), so the margins are set against
 what the default gave, with room for another machine's float rounding. Default runs, seeds 0 / 1 / 2,
-warm start -> after 40 GRPO steps:
-- held-out reward (the training reward of the greedy answers, 0..6): +0.27 / +1.05 / +0.55. The test
-  asks for >= HELD_OUT_REWARD_GAIN = 0.10, about a third of the smallest gain. Greedy answers are
-  deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the loss or the
-  advantages makes the reward fall.
-- held-out gIoU (mean mask IoU): +0.084 / +0.024 / +0.048. The test asks seed 0 for >= GIOU_GAIN = 0.03.
-  Issue #5's target is +0.10; README says where the default stands.
-- training reward, mean of the last 5 GRPO steps minus the first 5: +0.16 / +0.51 / +1.30; the test asks
-  for >= REWARD_GAIN = 0.05.
+warm start -> after 70 GRPO steps:
+- held-out gIoU (mean mask IoU of the greedy answers): +0.268 / +0.105 / +0.200. Issue #5 asks for +0.10 on every
+  seed; the test asks seed 0 for >= GIOU_GAIN = 0.10.
+- held-out reward (the training reward of the greedy answers, 0..6): +0.75 / +0.40 / +0.20. The test asks for
+  >= HELD_OUT_REWARD_GAIN = 0.10, half the smallest seed's gain. Greedy answers are deterministic, so
+  weights that never reach vLLM give exactly 0, and a sign error in the loss or the advantages makes
+  the reward fall.
+- training reward, mean of the last 10 GRPO steps minus the first 10 (4 prompts a step, so single
+  steps are noisy): +0.48 / +0.63 / +0.17; the test asks for >= REWARD_GAIN = 0.10.
 """
 import subprocess
 import sys
@@ -26,8 +26,8 @@ from config import REPO
 pytestmark = pytest.mark.slow
 
 HELD_OUT_REWARD_GAIN = 0.10
-GIOU_GAIN = 0.03
-REWARD_GAIN = 0.05
+GIOU_GAIN = 0.10
+REWARD_GAIN = 0.10
 
 
 def test_grpo_improves_held_out_reward_and_iou_over_the_warm_start(tmp_path):
@@ -43,7 +43,7 @@ def test_grpo_improves_held_out_reward_and_iou_over_the_warm_start(tmp_path):
     rewards = history("reward/total")
     assert sorted(rewards) == list(range(1, steps + 1))
     values = list(rewards.values())
-    first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+    first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
     assert last - first >= REWARD_GAIN, rewards
     held_out = history("eval/reward")
     assert sorted(held_out) == [0, steps]

@@ -47,7 +47,7 @@ def worker(policy_dir):
     torch.set_num_threads(1)  # the machine is shared; more threads than free cores is slower
     cfg = config.Config()
     cfg.model.image_size = IMAGE_SIZE
-    cfg.rollout.max_model_len = 1024  # the byte-level prompt alone is 464 tokens
+    cfg.rollout.max_model_len = 1024
     cfg.rollout.kv_cache_gib = 0.5
     w = RolloutWorker(cfg, policy_dir, seed=0)
     yield w
@@ -124,7 +124,7 @@ def test_prompt_ids_equal_processor_input_ids(worker, hf, prompt):
 
 
 def test_prompt_too_long_gets_no_answers_without_failing_the_batch(worker, prompt):
-    # One 'x' is one token (byte-level): the longest problem that fits leaves room for one token.
+    # One 'x' is one token (no word token holds it): the longest problem that fits leaves room for one token.
     base = len(worker.generate([{**prompt, "problem": "xx"}], n=1, max_new_tokens=1)[0]["prompt_ids"]) - 2
     longest = worker.cfg.rollout.max_model_len - 1 - base
     batch = [prompt, {**prompt, "sample_id": "fits", "problem": "x" * longest},
