@@ -4,16 +4,15 @@ Nothing is downloaded: the tokenizer is byte-level (every UTF-8 byte is a token,
 with Qwen's special tokens, plus whole-number tokens 0..1023 and the Seg-Zero tags as single tokens, so
 a coordinate is one token and the tiny model can learn positions as a classification, plus the words of
 the Seg-Zero prompt, the synthetic queries and the answer JSON's keys as single tokens (``WORD_TOKENS``),
-as a real BPE vocabulary would have them: the prompt is ~90 tokens instead of ~590 bytes and an answer
-~25 instead of ~70, which makes every rollout and learner step several times cheaper. The weights are
+as a real BPE vocabulary would have them: the prompt is ~140 tokens instead of ~590 bytes and an answer
+~23 instead of ~70, which makes every rollout and learner step several times cheaper. The weights are
 random (seeded); the warm start (train.sft_steps) teaches the answer format.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 from data.position_code import AMPLITUDE, FREQUENCIES, barcode_basis, fourier_code
 from data.synthetic import COLOURS, DIRECTIONS, EXTREMES, SHAPES
