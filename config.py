@@ -10,12 +10,13 @@ that README.md shows.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -70,22 +71,38 @@ class DataConfig(Section):
     synthetic_barcodes: Literal["off", "objects", "all"] = Field(
         "objects", description="Synthetic dataset: write a 14-px patch's position into its top two pixel rows "
         "(data/position_code.py), what model.tiny_position_reader reads: in the patches shapes touch, in all, or off.")
-    synthetic_kinds: list[Literal["colour_shape", "colour", "shape", "relation", "extreme", "size"]] = Field(
-        ["colour_shape", "colour", "shape", "relation", "extreme", "size"],
-        description="Synthetic dataset: query kinds drawn from (data/synthetic.py), e.g. 'the red circle', "
-        "'the blue shape', 'the triangle', 'the shape left of the green square', 'the topmost shape', 'the largest shape'.")
-    synthetic_shapes: tuple[int, int] = Field(
-        (2, 4), description="Synthetic dataset: min and max number of shapes per image.")
+    synthetic_kinds: Union[list[Literal["colour_shape", "colour", "shape", "relation", "extreme", "size",
+                                        "all_colour", "all_shape"]], Literal["auto"]] = Field(
+        "auto", description="Synthetic dataset: query kinds drawn from (data/synthetic.py), e.g. 'the red circle', "
+        "'the blue shape', 'the triangle', 'the shape left of the green square', 'the topmost shape', 'the largest "
+        "shape'; multi-object (reward.rules=multi_object only): 'all the red shapes', 'all the circles'. auto: "
+        "[colour_shape, colour], plus all_colour under multi_object.")
+    synthetic_shapes: Union[tuple[int, int], Literal["auto"]] = Field(
+        "auto", description="Synthetic dataset: min and max number of shapes per image. auto: [1, 2], [1, 3] under "
+        "multi_object (so 'all the red shapes' has 1-3 targets).")
+    shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
 
     @model_validator(mode="after")
     def _check(self):
-        low, high = self.synthetic_shapes
-        if not 1 <= low <= high:
-            raise ValueError(f"synthetic_shapes must be [min, max] with 1 <= min <= max, got {list(self.synthetic_shapes)}")
+        if self.synthetic_shapes != "auto":
+            low, high = self.synthetic_shapes
+            if not 1 <= low <= high:
+                raise ValueError(f"synthetic_shapes: must be [min, max] with 1 <= min <= max, got {list(self.synthetic_shapes)}")
         if not self.synthetic_kinds:
-            raise ValueError("synthetic_kinds must name at least one query kind")
+            raise ValueError("synthetic_kinds: must name at least one query kind")
         return self
-    shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
+
+    def resolve_synthetic(self, rules: str) -> None:
+        """Turns the ``auto`` settings into the rule set's defaults; refuses multi-object kinds under
+        single-object rules."""
+        multi = rules == "multi_object"
+        if self.synthetic_kinds == "auto":
+            self.synthetic_kinds = ["colour_shape", "colour"] + (["all_colour"] if multi else [])
+        if self.synthetic_shapes == "auto":
+            self.synthetic_shapes = (1, 3) if multi else (1, 2)
+        several = sorted({"all_colour", "all_shape"} & set(self.synthetic_kinds))
+        if several and not multi:
+            raise ValueError(f"synthetic_kinds: {several} name several shapes: they need reward.rules=multi_object")
 
 
 class RolloutConfig(Section):
@@ -145,6 +162,11 @@ class RewardConfig(Section):
     sam2_checkpoint: Optional[str] = Field(None, description="Local SAM2 checkpoint (.pt). Required for segmenter=sam2 unless sam2_allow_random_weights.")
     sam2_allow_random_weights: bool = Field(False, description="Tests only: build SAM2 with random weights when no checkpoint is given.")
     embedding_cache_size: int = Field(64, ge=0, description="LRU cache of image embeddings per reward worker (entries).")
+
+    @field_validator("mask_iou", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 (OmegaConf) reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self):
@@ -256,6 +278,14 @@ class Config(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _across_sections(self):
+        try:
+            self.data.resolve_synthetic(self.reward.rules)
+        except ValueError as exc:
+            raise ValueError(f"data.{exc}") from None
+        return self
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
@@ -281,9 +311,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(root)"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across sections: its message starts with the field it names
+            raise ConfigError(f"config error: {msg}") from None
+        field = ".".join(str(p) for p in err["loc"])
+        named = re.match(r"(\w+): (.*)", msg, re.DOTALL)  # a section's check naming one of its fields
+        if named and "." not in field and named.group(1) in Config.model_fields[field].annotation.model_fields:
+            field, msg = f"{field}.{named.group(1)}", named.group(2)
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise ConfigError(f"config error: {field}: {msg}{got}") from None
 
 

@@ -1,12 +1,16 @@
 """Evaluate a policy on a split: greedy answers (vLLM) -> segmenter masks -> gIoU / cIoU.
 
     python evaluate.py --config configs/default.yaml --split PATH [--checkpoint HF_DIR] [--out DIR]
-                       [--limit N] [section.field=value ...]
+                       [--limit N] [--protocol default|segzero] [section.field=value ...]
 
 Prints a table, writes ``eval.json`` and overlay PNGs to --out (default: <train.output_dir>/eval), and
-logs the numbers and pictures to MLflow (experiment ``<tracking.experiment>-eval``). Both metric
-conventions are reported under their names: ``lisa`` (empty-empty = 1, ignore pixels excluded) and
-``segzero`` (empty-empty = 0, ignore pixels counted as target).
+logs the numbers and pictures to MLflow (experiment ``<tracking.experiment>-eval``). Answers are scored
+with the training reward of ``reward.rules`` (evaluation/run.py). Protocols:
+- ``default``: both metric conventions under their names: ``lisa`` (empty-empty = 1, ignore pixels
+  excluded) and ``segzero`` (empty-empty = 0, ignore pixels counted as target); one mask per prompt.
+- ``segzero``: the papers' own evaluation scripts, to the letter (evaluation/protocols.py: Seg-Zero's
+  for single-object rules, VisionReasoner's for multi_object): their answer parsing, SAM2's best of
+  three masks, samples with an empty prediction on an empty target skipped.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: <train.output_dir>/eval)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--overlays", type=int, default=8, help="overlay pictures to write (first N samples)")
+    p.add_argument("--protocol", choices=("default", "segzero"), default="default",
+                   help="how masks are chosen and counted (see above)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -39,7 +45,10 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out or Path(cfg.train.output_dir) / "eval")
-    result = evaluate(cfg, args.split, policy_for_eval(cfg, args.checkpoint), out, args.limit, args.overlays)
+    from policy.prepare import policy_to_evaluate
+
+    result = evaluate(cfg, args.split, policy_to_evaluate(cfg, args.checkpoint), out, args.limit, args.overlays,
+                      args.protocol)
     print(format_table(result))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'eval.json'} and {len(result['overlays'])} overlays in {out}")
@@ -48,24 +57,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def policy_for_eval(cfg, checkpoint: str | None) -> str:
-    if checkpoint:
-        if not Path(checkpoint, "config.json").exists():
-            raise SystemExit(f"--checkpoint: no HF checkpoint (config.json) in {checkpoint}")
-        return checkpoint
-    final = Path(cfg.train.output_dir) / "final_policy"
-    if not cfg.model.policy_path and (final / "config.json").exists():
-        return str(final)
-    from launch import prepare_policy
-    return prepare_policy(cfg)
-
-
-def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = None, overlays: int = 8) -> dict:
+def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = None, overlays: int = 8,
+             protocol: str = "default") -> dict:
     from tqdm import tqdm
 
     from data.dataset import ParquetSource
     from evaluation.run import evaluate_answers
-    from reward.segmenters import make_segmenter
+    from reward.worker import RewardWorker
     from rollout.worker import RolloutWorker
 
     size = cfg.model.image_size
@@ -86,23 +84,27 @@ def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = N
                                 for s in chunk], n=1, greedy=True)
         responses += [o["responses"][0]["text"] for o in outs]
         tokens += [len(o["responses"][0]["token_ids"]) for o in outs]
-    segmenter = make_segmenter(cfg.reward)
-    result = evaluate_answers(samples, responses, tokens, segmenter, cfg.reward.rules, size,
-                              overlay_dir=out / "overlays", max_overlays=overlays,
-                              mask_reward_mode=cfg.reward.mask_iou, mask_threshold=cfg.reward.mask_threshold)
-    result.update(split=str(split), policy=policy_path, segmenter=cfg.reward.segmenter)
+    result = evaluate_answers(samples, responses, tokens, RewardWorker(cfg.reward, segment=True), size,
+                              overlay_dir=out / "overlays", max_overlays=overlays, protocol=protocol)
+    result.update(split=str(split), policy=policy_path, segmenter=cfg.reward.segmenter, rules=cfg.reward.rules)
     return result
 
 
 def format_table(result: dict) -> str:
-    rows = [("convention", "gIoU", "cIoU")]
+    rows = [("protocol / convention", "gIoU", "cIoU")]
+    if result["protocol"] == "segzero":
+        script = "VisionReasoner's" if result["rules"] == "multi_object" else "Seg-Zero's"
+        rows.append((f"segzero protocol ({script} script: {result['scored']} scored, {result['skipped']} skipped)",
+                     f"{result['giou']:.4f}", f"{result['ciou']:.4f}"))
     for name, note in (("lisa", "empty-empty=1, ignore excluded"), ("segzero", "empty-empty=0, ignore counted")):
-        rows.append((f"{name} ({note})", f"{result[f'giou_{name}']:.4f}", f"{result[f'ciou_{name}']:.4f}"))
+        if f"giou_{name}" in result:
+            rows.append((f"{name} ({note})", f"{result[f'giou_{name}']:.4f}", f"{result[f'ciou_{name}']:.4f}"))
     w = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{w}}  {r[1]:>7}  {r[2]:>7}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"samples {result['n']}, parse failures {result['parse_failure_rate']:.1%}, "
-                 f"mean response {result['response_tokens_mean']:.1f} tokens, segmenter {result['segmenter']}")
+                 f"mean response {result['response_tokens_mean']:.1f} tokens, reward {result['reward']:.3f} "
+                 f"({result['rules']}), segmenter {result['segmenter']}")
     return "\n".join(lines)
 
 
@@ -113,7 +115,8 @@ def log_to_mlflow(cfg, result: dict, split: str) -> None:
 
     use_experiment(cfg, f"{cfg.tracking.experiment}-eval")
     with mlflow.start_run(run_name=f"eval {Path(split).name}"):
-        mlflow.log_params({"split": split, "policy": result["policy"], "segmenter": result["segmenter"]})
+        mlflow.log_params({"split": split, "policy": result["policy"], "segmenter": result["segmenter"],
+                           "protocol": result["protocol"], "rules": result["rules"]})
         mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})
         for path in result["overlays"]:
             mlflow.log_artifact(path, artifact_path="overlays")

@@ -37,18 +37,18 @@ def main(argv=None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from data.dataset import Sample
-    from evaluate import policy_for_eval
     from evaluation.overlay import save_overlay
     from evaluation.run import predicted_mask
+    from policy.prepare import policy_to_evaluate
     from policy.prompt import chat_prompt
     from reward.segmenters import make_segmenter
 
     image = Image.open(args.image).convert("RGB")
     size = cfg.model.image_size
-    policy = policy_for_eval(cfg, args.checkpoint)
+    policy = policy_to_evaluate(cfg, args.checkpoint)
     processor = AutoProcessor.from_pretrained(policy)
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=torch.float32).eval()
-    inputs = processor(text=[chat_prompt(args.query)], images=[image.resize((size, size), Image.BILINEAR)],
+    inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules)], images=[image.resize((size, size), Image.BILINEAR)],
                        return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, do_sample=False,

@@ -1,43 +1,77 @@
-"""Checkpoints of a whole job: learner (DeepSpeed: weights, optimizer, LR schedule, per rank) + driver
-state (step, weight version, data position, RNG states, MLflow run id).
+"""Checkpoints of a whole job, kept per run: learner (DeepSpeed: weights, optimizer, LR schedule, per
+rank) + driver state (step, weight version, data position, RNG states, MLflow run id, and in one-step
+off-policy mode the round already generated for the next step).
 
-Layout: <output_dir>/checkpoints/step_000010/{deepspeed files, driver.pt} and a ``latest`` file naming
-the newest complete one. Atomic: everything is written into ``step_000010.tmp`` and renamed when
-complete, then ``latest`` is replaced (os.replace); a crash while saving leaves the previous checkpoint
-and ``latest`` untouched. With several nodes, <output_dir> must be on storage every learner rank sees.
+Layout: ``<output_dir>/checkpoints/<run id>/step_000010/{deepspeed files, driver.pt}`` and
+``<output_dir>/checkpoints/latest`` naming the newest complete one (``<run id>/step_000010``). The run
+id is the MLflow run's, so a resumed job writes next to its own earlier checkpoints, and another run
+in the same output dir never shares, prunes or overwrites them.
+
+Atomic: everything is written into ``step_000010.tmp`` and renamed when complete, then ``latest`` is
+replaced (os.replace); a crash while saving leaves the previous checkpoint and ``latest`` untouched.
+Pruning keeps the ``keep`` most recently WRITTEN checkpoints of the run (never the one just written,
+whatever its step number), and never touches another run's. With several nodes, ``<output_dir>`` must
+be on storage every learner rank sees.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import ray
 import torch
+
+log = logging.getLogger(__name__)
+WRITTEN = "written"  # per checkpoint: its number in the run's write order (pruning keeps the newest)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(output_dir: str | Path, step: int, learners: list, driver_state: dict, keep: int, timeout_s: float) -> Path:
+def save(output_dir: str | Path, run_id: str, step: int, write_learner: Callable[[Path], None],
+         driver_state: dict, keep: int) -> Path:
+    """Writes one checkpoint of run ``run_id``: ``write_learner(dir)`` (every rank's DeepSpeed state),
+    then driver.pt; updates ``latest``; prunes this run's older checkpoints. Returns its directory."""
     root = checkpoint_root(output_dir)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
+    final = root / run_id / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get([learner.save_checkpoint.remote(str(tmp)) for learner in learners], timeout=timeout_s)
+    write_learner(tmp)
     torch.save({**driver_state, "rng": rng_state()}, tmp / "driver.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    earlier = [_written(p) for p in (root / run_id).glob("step_*") if p != tmp]
+    (tmp / WRITTEN).write_text(str(max(earlier, default=0) + 1))
+    shutil.rmtree(final, ignore_errors=True)  # the same run's step written before a --resume from earlier
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
-    pointer.write_text(final.name)
+    pointer.write_text(f"{run_id}/{final.name}")
     os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root / run_id, keep, final)
+    others = [p.name for p in root.iterdir() if p.is_dir() and p.name != run_id]
+    if others:
+        log.info("checkpoints of other runs in %s are left alone: %s", root, ", ".join(sorted(others)[:5]))
     return final
+
+
+def _written(ckpt: Path) -> int:
+    """The checkpoint's place in its run's write order (0 when unknown)."""
+    try:
+        return int((ckpt / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _prune(run_dir: Path, keep: int, written: Path) -> None:
+    """Deletes all but the ``keep`` most recently written complete checkpoints of one run."""
+    complete = [p for p in run_dir.glob("step_*") if p.is_dir() and (p / "driver.pt").exists() and p != written]
+    complete.sort(key=_written)
+    for old in complete[:max(0, len(complete) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve(path: str | Path | None, output_dir: str | Path) -> Path:
@@ -48,7 +82,10 @@ def resolve(path: str | Path | None, output_dir: str | Path) -> Path:
         if (candidate / "driver.pt").exists():
             return candidate
         if (candidate / "latest").exists():
-            return candidate / (candidate / "latest").read_text().strip()
+            named = candidate / (candidate / "latest").read_text().strip()
+            if not (named / "driver.pt").exists():
+                raise FileNotFoundError(f"--resume: {candidate / 'latest'} names {named}, which holds no checkpoint")
+            return named
     raise FileNotFoundError(f"--resume: no checkpoint found at {p} (expected a step_* directory or a 'latest' file)")
 
 

@@ -14,27 +14,36 @@ NAMESPACE = "seg-grpo"
 @ray.remote(num_cpus=0)
 class JobController:
     def __init__(self):
-        self.requested: dict[str, int] = {}
+        self.requested: list[tuple[int, dict[str, int]]] = []  # (first step it applies to, sizes)
         self.state: dict = {}
 
-    def request(self, rollout_workers: int | None = None, reward_workers: int | None = None) -> dict:
-        """Ask for new pool sizes; applied by the driver between steps."""
+    def request(self, rollout_workers: int | None = None, reward_workers: int | None = None,
+                at_step: int | None = None) -> dict:
+        """Ask for new pool sizes; applied by the driver between steps: at the next chance, or once the
+        job reaches step ``at_step`` (before that step's rollouts)."""
+        sizes = {}
         for name, value in (("rollout_workers", rollout_workers), ("reward_workers", reward_workers)):
             if value is not None:
                 if value < 1:
                     raise ValueError(f"{name} must be >= 1, got {value}")
-                self.requested[name] = int(value)
-        return dict(self.requested)
+                sizes[name] = int(value)
+        self.requested.append((int(at_step or 0), sizes))
+        return self.pending()
 
-    def take_requests(self) -> dict[str, int]:
-        requested, self.requested = self.requested, {}
-        return requested
+    def take_requests(self, step: int) -> dict[str, int]:
+        """The sizes due by ``step`` (later requests win), removed from the queue."""
+        due = [sizes for at, sizes in self.requested if at <= step]
+        self.requested = [(at, sizes) for at, sizes in self.requested if at > step]
+        return {k: v for sizes in due for k, v in sizes.items()}
+
+    def pending(self) -> dict:
+        return {f"at step {at}" if at else "next step": sizes for at, sizes in self.requested}
 
     def publish(self, state: dict) -> None:
         self.state = state
 
     def status(self) -> dict:
-        return {**self.state, "pending_requests": dict(self.requested)}
+        return {**self.state, "pending_requests": self.pending()}
 
 
 def start_controller(job_name: str):

@@ -1,78 +1,211 @@
-"""One step's rollouts: prompts go out to the rollout actors in chunks, and every finished group goes
-straight to the reward pool, so scoring overlaps generation.
+"""RolloutGroup: the vLLM rollout actors behind plain methods; RolloutRound: one round of generation.
 
-``RolloutRound`` is one step's worth: ``start()`` dispatches, ``pump()`` hands finished groups to the
-reward pool (call it while waiting on something else, e.g. the learner, in one-step off-policy mode),
-``finish()`` waits for everything and returns rollouts + rewards. A rollout actor that dies mid-step is
-restarted by Ray (max_restarts=-1); the round waits for it, has ``resync`` push the current weights to
-it, and redoes its chunk with the same seed, so the step trains on exactly the samples it planned.
-``stream=False`` (``rollout.stream_rewards=false``) is the plain synchronous loop that
-benchmarks/pipelining.py compares against: no group is scored before all generation is done.
+    rollouts = RolloutGroup(cfg, policy_path, reward_pool, count=2)
+    round_ = rollouts.round(groups, seed=..., weight_version=v)   # dispatched at once
+    groups, timings = round_.finish()      # answers in every group, rewards from the reward pool
+    rollouts.sync_from(learners, version=v + 1)                   # after the learner's step
+    rollouts.resize(3)                      # between rounds; new workers get the synced weights
+
+A round sends its groups in chunks, round-robin over the workers, and hands every chunk's groups to
+the reward pool as soon as they are generated (scoring overlaps generation; ``rollout.stream_rewards``
+false: nothing is scored before all chunks are in). ``pump()`` takes in finished chunks without
+blocking, which one-step off-policy calls while the learner trains. Chunk i is sampled with seed
+``seed + i``, so a redone or resumed chunk draws the same answers.
+
+Failures: a rollout actor that dies is restarted by Ray (max_restarts=-1). A round waits for it,
+resyncs it and redoes its chunk; answers made with weights older than the round's version (a worker
+that restarted between rounds comes back with the initial weights) are redone the same way. Resync
+uses the buckets of the last sync kept in Ray's object store (cluster/weight_sync.py), never the
+learner, so it cannot wait behind a running learner step, and it gives exactly the version the round
+was started with.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
-from typing import Callable
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from cluster.placement import PLACEMENT, free_placement, rollout_placement
+from cluster.weight_sync import check_parity, push_weights, sync_timeout
+from config import Config
 from data.dataset import Sample
+from reward.worker import reward_group
+from rollout.group import Answer, Group
 
 log = logging.getLogger(__name__)
 
 
-def reward_group(sample: Sample, rollout: dict, model_size: int) -> dict:
-    """The group dict the reward workers score (original-space image and mask, model-space solution)."""
-    image = sample.image_bytes
-    if not image:
-        buf = io.BytesIO()
-        sample.image.save(buf, format="PNG")
-        image = buf.getvalue()
-    return {"sample_id": sample.id, "image": image, "height": sample.height,
-            "width": sample.width, "model_size": model_size, "solution": sample.solution(model_size),
-            "mask": sample.mask_rle, "responses": [r["text"] for r in rollout["responses"]]}
+class RolloutGroup:
+    def __init__(self, cfg: Config, policy_path: str, reward_pool, count: int, parity_probe: dict | None = None):
+        """``count`` rollout actors (one vLLM engine each, placed by cluster.placement); returns at
+        once, ``ready()`` waits for the engines. ``parity_probe``: see cluster/weight_sync.py."""
+        self.cfg, self.policy_path, self.reward_pool, self.parity_probe = cfg, policy_path, reward_pool, parity_probe
+        self.workers: list = []
+        self.versions = {0}  # every weight version pushed; 0 = the weights each engine starts from
+        self.synced: tuple[int, list, list | None] | None = None  # (version, bucket refs, parity reference)
+        self._add(count)
+
+    # -- actors -----------------------------------------------------------------------------------
+    def _add(self, count: int) -> list:
+        from rollout.worker import RolloutWorker
+
+        remote_worker = ray.remote(RolloutWorker)
+        new = []
+        for _ in range(count):
+            options, pg = rollout_placement(self.cfg)
+            actor = (remote_worker.options(**options, max_restarts=-1, max_task_retries=0)
+                     .remote(self.cfg, self.policy_path, seed=self.cfg.train.seed + len(self.workers)))
+            if pg is not None:
+                PLACEMENT[actor] = (pg, 0)
+            self.workers.append(actor)
+            new.append(actor)
+        return new
+
+    def ready(self, workers: list | None = None) -> None:
+        ray.get([w.__ray_ready__.remote() for w in (workers or self.workers)],
+                timeout=self.cfg.cluster.startup_timeout_s)
+
+    def resize(self, count: int) -> None:
+        """Grow (new workers get the synced weights before they generate) or shrink (actors killed,
+        their placement groups freed). Only between rounds."""
+        if count > len(self.workers):
+            new = self._add(count - len(self.workers))
+            self.ready(new)
+            for worker in new:
+                self.resync(worker)
+        while len(self.workers) > count:
+            worker = self.workers.pop()
+            ray.kill(worker, no_restart=True)
+            free_placement(worker)
+
+    def shutdown(self) -> None:
+        self.resize(0)
+        self.synced = None
+
+    def weight_versions(self) -> list:
+        """Each worker's weight version (None for one that is restarting), for cluster.status."""
+        refs = [w.__ray_call__.remote(lambda self: self.weight_version) for w in self.workers]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=10))
+            except (ray.exceptions.RayError, TimeoutError):
+                out.append(None)
+        return out
+
+    # -- weights ----------------------------------------------------------------------------------
+    def sync_from(self, learners, version: int) -> dict:
+        """The learner's current weights, as ``version``, to every worker; the buckets are kept for
+        ``resync``. A worker that dies meanwhile is waited for and pushed to again."""
+        c = self.cfg.cluster
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + c.sync_timeout_s
+        too_slow = sync_timeout(version, c.sync_timeout_s)
+        refs = learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow)
+        reference = None
+        if self.parity_probe is not None:
+            reference = learners.logprobs([self.parity_probe], 1.0)[0]
+        self.synced = (version, refs, reference)
+        self.versions.add(version)
+        n_bytes, restarts = self._push(self.workers, deadline, too_slow)
+        dt = time.perf_counter() - t0
+        metrics = {"time/sync": dt, "sync/bytes": n_bytes, "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9,
+                   "sync/worker_restarts": restarts}
+        if reference is not None:
+            metrics["sync/parity_max_diff"] = check_parity(self.workers, self.parity_probe, reference,
+                                                           c.sync_parity_tolerance, c.call_timeout_s)
+        return metrics
+
+    def resync(self, worker) -> None:
+        """The last synced weights to one (restarted or new) worker, from the kept buckets; nothing to
+        do before the first sync (a fresh engine holds version 0)."""
+        if self.synced is None:
+            return
+        version, _, reference = self.synced
+        c = self.cfg.cluster
+        self._push([worker], time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s))
+        if reference is not None:
+            check_parity([worker], self.parity_probe, reference, c.sync_parity_tolerance, c.call_timeout_s)
+
+    def _push(self, workers: list, deadline: float, too_slow: Exception) -> tuple[int, int]:
+        """push_weights of the kept buckets; workers found dead are waited for (Ray restarts them with the
+        initial weights) and pushed to again, once. Returns (bytes per worker, workers pushed to again)."""
+        version, refs, _ = self.synced
+        n_bytes, dead = push_weights(workers, refs, version, deadline, too_slow)
+        if not dead:
+            return n_bytes, 0
+        log.warning("weight sync: %d rollout worker(s) died; waiting for their restart, then pushing again", len(dead))
+        for w in dead:
+            wait_until_alive(w, time.monotonic() + self.cfg.cluster.startup_timeout_s)
+        n_again, still_dead = push_weights(dead, refs, version, deadline, too_slow)
+        if still_dead:
+            raise RuntimeError(f"weight sync: {len(still_dead)} rollout worker(s) died again while being resynced")
+        return max(n_bytes, n_again), len(dead)
+
+    # -- generation -------------------------------------------------------------------------------
+    def round(self, groups: list[Group], seed: int | None, weight_version: int, metrics: dict | None = None) -> "RolloutRound":
+        """G answers for every group, started now (see RolloutRound); ``metrics`` are returned with its timings."""
+        r = self.cfg.rollout
+        chunk = max(1, r.prompts_per_step // (2 * len(self.workers)))
+        return RolloutRound(self, groups, chunk, seed, weight_version, self.cfg.cluster.call_timeout_s,
+                            stream=r.stream_rewards, metrics=metrics).start()
+
+    def generate_greedy(self, samples: list[Sample]) -> list[tuple[str, int]]:
+        """(text, token count) of each sample's greedy answer, the samples spread over the workers."""
+        size = self.cfg.model.image_size
+        n = len(self.workers)
+        refs = [w.generate.remote([{"sample_id": str(i), "problem": s.problem, "image": s.model_image(size)}
+                                   for i, s in enumerate(samples) if i % n == k], 1, None, None, True)
+                for k, w in enumerate(self.workers)]
+        by_index = {}
+        for outs in ray.get(refs, timeout=self.cfg.cluster.call_timeout_s):
+            for o in outs:
+                answer = o["responses"][0] if o["responses"] else {"text": "", "token_ids": []}
+                by_index[int(o["sample_id"])] = (answer["text"], len(answer["token_ids"]))
+        return [by_index[i] for i in range(len(samples))]
 
 
 class RolloutRound:
-    """G answers for each of ``samples``, scored by ``reward_pool`` as each chunk of prompts finishes.
+    """G answers for each group, scored by the reward pool as each chunk of prompts finishes.
 
-    Chunks of ``chunk_size`` prompts go round-robin to ``workers``; chunk i is sampled with seed
-    ``seed + i`` (None: the engine's running generator), so a redone or resumed chunk draws the same
-    answers. ``resync(worker)`` must bring a restarted worker to the current weights; answers made with
-    weights older than ``weight_version`` (a worker that restarted between steps comes back with the
-    initial weights) are redone after a resync. ``stream=False`` submits no group before every chunk is in.
+    ``finish()`` returns (groups, timings) with every group's answers and rewards filled in; groups
+    whose prompt could not be sampled keep ``answers == []`` and are not scored. It can be called again.
     """
 
-    def __init__(self, workers: list, reward_pool, samples: list[Sample], group_size: int, model_size: int,
-                 chunk_size: int, timeout_s: float, seed: int | None = None,
-                 resync: Callable[[object], None] | None = None, weight_version: int = 0, max_redos: int = 3,
-                 stream: bool = True):
-        self.workers, self.reward_pool, self.samples = workers, reward_pool, samples
-        self.group_size, self.model_size, self.timeout_s, self.seed = group_size, model_size, timeout_s, seed
-        self.resync, self.max_redos, self.weight_version = resync, max_redos, weight_version
-        self.stream = stream
-        self.chunks = [samples[i:i + chunk_size] for i in range(0, len(samples), chunk_size)]
-        self.by_id = {s.id: s for s in samples}
+    def __init__(self, rollouts: RolloutGroup, groups: list[Group], chunk_size: int, seed: int | None,
+                 weight_version: int, timeout_s: float, stream: bool = True, max_redos: int = 3,
+                 metrics: dict | None = None):
+        self.rollouts, self.groups, self.seed, self.weight_version = rollouts, groups, seed, weight_version
+        self.metrics = dict(metrics or {})
+        self.timeout_s, self.stream, self.max_redos = timeout_s, stream, max_redos
+        self.workers = list(rollouts.workers)
+        self.chunks = [groups[i:i + chunk_size] for i in range(0, len(groups), chunk_size)]
+        self.by_uid = {g.uid: g for g in groups}
         self.pending: dict = {}  # ObjectRef -> (chunk index, worker)
-        self.rollouts: dict[str, dict] = {}
+        self.submitted: list[str] = []  # uids given to the reward pool, in order
         self.redos = 0
         self.t_start = self.t_generated = None
+        self._result: tuple[list[Group], dict] | None = None
 
     def start(self) -> "RolloutRound":
         self.t_start = time.perf_counter()
         self.deadline = time.monotonic() + self.timeout_s
+        # the pools this round ran on (python -m cluster.scale changes them between rounds)
+        self.metrics.update({"pool/rollout_workers": len(self.workers),
+                             "pool/reward_workers": len(self.rollouts.reward_pool.workers)})
         for i in range(len(self.chunks)):
             self._dispatch(i, self.workers[i % len(self.workers)])
         return self
 
     def _dispatch(self, i: int, worker) -> None:
-        prompts = [{"sample_id": s.id, "problem": s.problem, "image": s.model_image(self.model_size)}
-                   for s in self.chunks[i]]
+        size = self.rollouts.cfg.model.image_size
+        prompts = [{"sample_id": g.uid, "problem": g.sample.problem, "image": g.sample.model_image(size)}
+                   for g in self.chunks[i]]
         seed = None if self.seed is None else self.seed + i
-        self.pending[worker.generate.remote(prompts, self.group_size, seed=seed)] = (i, worker)
+        n = self.rollouts.cfg.rollout.group_size
+        self.pending[worker.generate.remote(prompts, n, seed=seed)] = (i, worker)
 
     def pump(self, timeout_s: float = 0.0) -> bool:
         """Takes in finished chunks (waiting up to timeout_s for the first); True when all are in."""
@@ -88,47 +221,70 @@ class RolloutRound:
             except RayActorError as exc:
                 self._redo(i, worker, f"died during generation ({type(exc).__name__})")
                 continue
-            stale = [r["weight_version"] for r in outs if r["weight_version"] < self.weight_version]
+            stale = [o["weight_version"] for o in outs if o["weight_version"] < self.weight_version]
             if stale:
                 self._redo(i, worker, f"answered with weights v{stale[0]} < v{self.weight_version} (restarted)")
                 continue
-            for r in outs:
-                self.rollouts[r["sample_id"]] = r
+            for out in outs:
+                group = self.by_uid[out["sample_id"]]
+                group.prompt = out["prompt"]
+                group.answers = [Answer(r["token_ids"], r["logprobs"], r["text"], r.get("finish_reason"),
+                                        out["weight_version"]) for r in out["responses"]]
                 if self.stream:
-                    self._submit(r)
+                    self._submit(group)
         if not self.pending and self.t_generated is None:
             self.t_generated = time.perf_counter()
             if not self.stream:  # all generated: only now does scoring start
-                for r in self.rollouts.values():
-                    self._submit(r)
+                for group in self.groups:
+                    self._submit(group)
         return not self.pending
 
-    def _submit(self, rollout: dict) -> None:
-        sample = self.by_id[rollout["sample_id"]]
-        self.reward_pool.submit(sample.id, reward_group(sample, rollout, self.model_size))
+    def _submit(self, group: Group) -> None:
+        if not group.answers:  # the prompt did not fit the context: nothing to score
+            return
+        cfg = self.rollouts.cfg
+        self.rollouts.reward_pool.submit(group.uid, reward_group(
+            group.sample, [a.text for a in group.answers], cfg.reward.rules, cfg.model.image_size, key=group.uid))
+        self.submitted.append(group.uid)
 
     def _redo(self, i: int, worker, why: str) -> None:
         self.redos += 1
         if self.redos > self.max_redos:
-            raise RuntimeError(f"rollout: gave up after {self.max_redos} worker failures in one step; last: {why}")
+            raise RuntimeError(f"rollout: gave up after {self.max_redos} worker failures in one round; last: {why}")
         log.warning("rollout actor %s; waiting for it, resyncing its weights, redoing its %d prompts",
                     why, len(self.chunks[i]))
         wait_until_alive(worker, self.deadline)
-        if self.resync is not None:
-            self.resync(worker)
+        self.rollouts.resync(worker)
         self._dispatch(i, worker)
 
-    def finish(self) -> tuple[list[dict], dict, dict]:
-        """(rollouts in sample order, rewards {sample_id: [per-answer dict]}, timings)."""
+    def finish(self) -> tuple[list[Group], dict]:
+        """Waits for every chunk and every group's rewards; (groups, timings)."""
+        if self._result is not None:
+            return self._result
         while not self.pump(timeout_s=min(1.0, max(0.0, self.deadline - time.monotonic()))):
             if time.monotonic() > self.deadline:
                 raise TimeoutError(f"rollout: no answer from the rollout workers within {self.timeout_s:.0f} s "
                                    "(cluster.call_timeout_s)")
-        rewards = self.reward_pool.collect([s.id for s in self.samples])
-        t_end = time.perf_counter()
-        timings = {"time/generate": self.t_generated - self.t_start, "time/reward_tail": t_end - self.t_generated,
-                   "rollout/redone_chunks": self.redos}
-        return [self.rollouts[s.id] for s in self.samples], rewards, timings
+        rewards = self.rollouts.reward_pool.collect(self.submitted)
+        for uid, scores in rewards.items():
+            self.by_uid[uid].rewards = scores
+        timings = {**self.metrics, "time/generate": self.t_generated - self.t_start,
+                   "time/reward_tail": time.perf_counter() - self.t_generated, "rollout/redone_chunks": self.redos}
+        self._result = (self.groups, timings)
+        return self._result
+
+
+class CompletedRound:
+    """A round whose answers and rewards are already in (a resumed one-step off-policy round)."""
+
+    def __init__(self, groups: list[Group], timings: dict):
+        self.groups, self.timings = groups, timings
+
+    def pump(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    def finish(self) -> tuple[list[Group], dict]:
+        return self.groups, self.timings
 
 
 def wait_until_alive(actor, deadline: float) -> None:

@@ -31,7 +31,7 @@ def topology(pools: dict[str, list], timeout_s: float = 60.0, placements: dict |
     the actor's bundle and the group's GPUs. ``pools`` maps a role name to its actors; ``placements``
     maps an actor to its (placement group, bundle index), default ``cluster.start.PLACEMENT``."""
     if placements is None:
-        from cluster.start import PLACEMENT as placements
+        from cluster.placement import PLACEMENT as placements
     rows = []
     for role, actors in pools.items():
         places = ray.get([a.__ray_call__.remote(_where) for a in actors], timeout=timeout_s)

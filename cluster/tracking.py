@@ -8,6 +8,10 @@ import mlflow
 
 from config import Config
 
+# The user's setting, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into this process's
+# environment, which must not leak from one job into the next one run in the same process.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 
 def tracking_uri(cfg: Config) -> str:
     """tracking.mlflow_uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the output dir.
@@ -16,8 +20,8 @@ def tracking_uri(cfg: Config) -> str:
     """
     if cfg.tracking.mlflow_uri:
         return cfg.tracking.mlflow_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     out = Path(cfg.train.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"

@@ -1,85 +1,82 @@
-"""Weight sync: after each learner step, rank 0's weights reach every rollout actor, bucket by bucket.
+"""Weight sync through Ray's object store: learner rank 0's buckets reach every rollout worker.
 
-CPU path (and any single-node job): rank 0 yields buckets of HF-named tensors (under ZeRO-3 all ranks
-take part in gathering each bucket); every bucket is put in Ray's object store once and loaded by every
-rollout worker; then each worker resets its caches and reports the new version, which is checked.
-The GPU path (NCCL broadcast from rank 0 into the vLLM workers) is in rollout/vllm_extension.py.
+Protocol (``push_weights``): rank 0 streams buckets of HF-named tensors (``LearnerGroup.weight_bucket_refs``;
+under ZeRO-3 every rank helps gather each bucket); each bucket is put in the object store ONCE and
+every rollout worker loads it (``RolloutWorker.load_weights``: one update session per push, each layer's
+tensors once); then each worker drops its caches and reports the new version (``commit_weights``),
+which is checked. A worker that dies meanwhile is pushed to again once Ray has restarted it; the
+others commit what they loaded (a second push into a session would load a layer twice). The bucket refs are kept by the
+rollout group until the next sync: a worker that restarts, or is added by scaling, is given the same
+version from them without calling the learner (which may be busy with the next step), at the cost
+of one copy of the synced weights in the object store. The GPU path (NCCL broadcast from rank 0 into
+the vLLM workers) is in rollout/vllm_extension.py.
+
+Parity (``cluster.sync_parity_check``): after a sync, learner rank 0's logprobs of a fixed probe
+(a held-out prompt and its reference answer) are compared with what each worker serves; the learner's
+side is kept with the weights, so a resynced worker is checked against the same numbers.
 """
 from __future__ import annotations
 
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 
-def broadcast_weights(learners: list, workers: list, version: int, bucket_bytes: int, timeout_s: float) -> dict:
-    """Streams rank 0's weight buckets to every worker's ``load_weights``, then ``commit_weights(version)``
-    on each and checks the versions they report. Raises TimeoutError naming cluster.sync_timeout_s when
-    the whole sync takes longer than ``timeout_s`` (a hung worker or learner)."""
-    t0 = time.perf_counter()
-    deadline = time.monotonic() + timeout_s
+class SyncTimeout(TimeoutError):
+    pass
 
-    too_slow = TimeoutError(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
-                            "(cluster.sync_timeout_s): a rollout worker or learner rank is hung")
 
-    def left() -> float:
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            raise too_slow
-        return left_s
+def sync_timeout(version: int, timeout_s: float, who: str = "a rollout worker or learner rank") -> SyncTimeout:
+    return SyncTimeout(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
+                       f"(cluster.sync_timeout_s): {who} is hung")
 
+
+def push_weights(workers: list, bucket_refs: list, version: int, deadline: float,
+                 too_slow: Exception) -> tuple[int, list]:
+    """Every bucket to every worker's ``load_weights``, then ``commit_weights(version)`` on each; checks
+    the versions they report. Returns (bytes loaded per worker, the workers found dead). A dead worker
+    (Ray's RayActorError) does not stop the others: they commit; the caller waits for the dead ones to
+    restart (a fresh engine, a fresh update session) and pushes to them alone. Raises ``too_slow`` at
+    ``deadline``."""
     def get(refs):
         try:
-            return ray.get(refs, timeout=left())
+            return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
         except GetTimeoutError as exc:
             raise too_slow from exc
 
-    streams = [learner.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for learner in learners]
-    loads = []  # per bucket: one load per worker, each returning the bytes it loaded
-    for bucket_ref in _refs(streams[0], left):
-        loads.append([w.load_weights.remote(bucket_ref) for w in workers])
-    for other in streams[1:]:  # ranks > 0 only helped gather; drain their (empty) streams
-        for ref in _refs(other, left):
-            get(ref)
-    loaded = [get(refs) for refs in loads]
-    n_bytes = sum(per_worker[0] for per_worker in loaded)
-    versions = get([w.commit_weights.remote(version) for w in workers])
-    bad = [i for i, v in enumerate(versions) if v != version]
-    if bad:
-        raise RuntimeError(f"weight sync: rollout workers {bad} report versions {[versions[i] for i in bad]}, expected {version}")
-    dt = time.perf_counter() - t0
-    return {"time/sync": dt, "sync/bytes": n_bytes, "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9}
-
-
-def _refs(stream, left):
-    """Object refs of a streaming actor generator, each waited for with the sync's remaining time."""
-    while True:
-        ready, _ = ray.wait([stream], timeout=left())
-        if not ready:
-            left()  # raises the timeout error when the deadline has passed
-            continue
+    loads = [[w.load_weights.remote(ref) for ref in bucket_refs] for w in workers]
+    alive, dead, n_bytes = [], [], 0
+    for worker, refs in zip(workers, loads):
         try:
-            yield next(stream)
-        except StopIteration:
-            return
+            n_bytes = sum(get(refs))
+            alive.append(worker)
+        except RayActorError:
+            dead.append(worker)
+    commits = [(w, w.commit_weights.remote(version)) for w in alive]
+    for i, (worker, ref) in enumerate(commits):
+        try:
+            reported = get(ref)
+        except RayActorError:
+            dead.append(worker)
+            continue
+        if reported != version:
+            raise RuntimeError(f"weight sync: rollout workers [{workers.index(worker)}] report versions [{reported}], "
+                               f"expected {version}")
+    return n_bytes, dead
 
 
-def parity_check(learners: list, workers: list, probe: dict, tolerance: float, timeout_s: float) -> float:
-    """Max |learner - vLLM| logprob over a fixed probe sequence, on every rollout worker, after a sync.
+def check_parity(workers: list, probe: dict, reference: list[float], tolerance: float, timeout_s: float) -> float:
+    """Max |learner - vLLM| logprob over the probe on every worker; RuntimeError above ``tolerance``
+    (stale or misnamed weights, a cache that was not reset). A healthy fp32 sync on CPU differs by ~2e-6.
 
-    probe: {"problem", "prompt" (chat text), "image" (model size), "response_ids"}. The learner's
-    logprobs come from rank 0 (the call is collective: other ranks get no sequences). Raises
-    RuntimeError when the difference exceeds ``tolerance`` (stale or misnamed weights, a cache that was
-    not reset); a healthy fp32 sync on CPU differs by ~2e-6.
+    probe: {"problem", "image" (model size), "response_ids"}; reference: the learner's logprobs of the
+    probe at temperature 1 (vLLM's prompt logprobs are the raw model's, whatever the rollout temperature).
     """
-    shards = [[probe]] + [[] for _ in learners[1:]]
-    # vLLM's prompt logprobs are the raw model's (temperature 1), whatever the rollout temperature
-    reference = ray.get([l.logprobs.remote(s, 1.0) for l, s in zip(learners, shards)], timeout=timeout_s)[0][0]
     prompt = {"problem": probe["problem"], "image": probe["image"]}
     served = ray.get([w.probe_logprobs.remote(prompt, probe["response_ids"]) for w in workers], timeout=timeout_s)
     diffs = [max(abs(a - b) for a, b in zip(reference, got)) for got in served]
-    if max(diffs) > tolerance:
+    if diffs and max(diffs) > tolerance:
         raise RuntimeError(f"weight sync parity check failed: max |learner - vLLM| logprob per worker {diffs} "
                            f"> cluster.sync_parity_tolerance={tolerance}")
-    return max(diffs)
+    return max(diffs, default=0.0)

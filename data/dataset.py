@@ -74,19 +74,23 @@ class Sample:
     def model_points(self, size: int) -> list[list[int]]:
         return [self.to_model(size, x, y) for x, y in self.points]
 
-    def solution(self, size: int, multi_object: bool = False) -> str:
-        """Ground truth for the reward, model space: Seg-Zero's ``<box>..</box><points>..</points>``,
-        or with ``multi_object`` VisionReasoner's JSON list (``objects``, else the one bbox + point 1)."""
-        if not multi_object:
-            return solution_string(self.model_bbox(size), self.model_points(size))
+    def model_objects(self, size: int) -> list[dict]:
+        """Multi-object ground truth in model space: ``objects``, else the one box with point 1."""
         objects = self.objects or [{"bbox_2d": self.bbox, "point_2d": self.points[0]}]
-        return multi_object_solution([
-            {"bbox_2d": self.to_model(size, *o["bbox_2d"][:2]) + self.to_model(size, *o["bbox_2d"][2:]),
-             "point_2d": self.to_model(size, *o["point_2d"])} for o in objects])
+        return [{"bbox_2d": self.to_model(size, *o["bbox_2d"][:2]) + self.to_model(size, *o["bbox_2d"][2:]),
+                 "point_2d": self.to_model(size, *o["point_2d"])} for o in objects]
 
-    def reference_answer(self, size: int) -> str:
-        """A correct response in model space (supervised warm start)."""
-        return reference_answer(self.problem, self.model_bbox(size), self.model_points(size), self.reasoning)
+    def solution(self, size: int, rules: str = "segzero") -> str:
+        """Ground truth for the reward of rule set ``rules``, model space: Seg-Zero's
+        ``<box>..</box><points>..</points>``, or for ``multi_object`` VisionReasoner's JSON list."""
+        if rules == "multi_object":
+            return multi_object_solution(self.model_objects(size))
+        return solution_string(self.model_bbox(size), self.model_points(size))
+
+    def reference_answer(self, size: int, rules: str = "segzero") -> str:
+        """A correct response in model space, in the answer format of ``rules`` (supervised warm start)."""
+        objects = self.model_objects(size) if rules == "multi_object" else None
+        return reference_answer(self.problem, self.model_bbox(size), self.model_points(size), self.reasoning, objects)
 
 
 class BadRow(ValueError):

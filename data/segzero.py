@@ -5,6 +5,7 @@ Solution (ground truth given to the reward), single object, model-space integer 
 Multi-object (VisionReasoner) solution: JSON list ``[{"bbox_2d": [x1,y1,x2,y2], "point_2d": [x,y]}, ...]``.
 Answer the policy is asked for:
     <think>...</think><answer>{"bbox":[x1,y1,x2,y2],"points_1":[x,y],"points_2":[x,y]}</answer>
+or, multi-object (VisionReasoner), the solution's JSON list between the answer tags.
 
 Released training sets (Hugging Face ``Ricky06662/refCOCOg_9k_840``, ``..._2k_840``,
 ``VisionReasoner_multi_object_{1k,7k}_840``) have columns ``id, problem, solution, image, img_height,
@@ -69,14 +70,17 @@ def answer_json(bbox, points) -> str:
                        "points_2": [int(v) for v in points[1]]}, separators=(",", ":"))
 
 
-def reference_answer(problem: str, bbox, points, reasoning: str | None = None) -> str:
+def reference_answer(problem: str, bbox, points, reasoning: str | None = None, objects: list[dict] | None = None) -> str:
     """A correct response for supervised warm start: ``<think>{reasoning}</think><answer>{json}</answer>``.
 
+    The answer is Seg-Zero's object (``answer_json``), or with ``objects`` (model-space
+    ``[{"bbox_2d", "point_2d"}]``) VisionReasoner's list, written like the solution (compact JSON).
     Without a reasoning hint the think part restates the query. Kept short on purpose: every token of
     it is one more step of rollout and learner compute.
     """
     think = reasoning if reasoning else problem.lower().strip(" .")
-    return f"<think>{think}</think><answer>{answer_json(bbox, points)}</answer>"
+    answer = answer_json(bbox, points) if objects is None else multi_object_solution(objects)
+    return f"<think>{think}</think><answer>{answer}</answer>"
 
 
 def image_bytes_of(value) -> bytes:

@@ -9,7 +9,13 @@ out exactly one shape, and needs a little reasoning:
     extreme       "the topmost shape"              size      "the largest shape"
 
 Every candidate query is checked against the scene (``matching_shapes``) and only used when exactly one
-shape satisfies it. Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
+shape satisfies it. Multi-object kinds (VisionReasoner-style data, ``multi_object=True``) name every
+shape that matches, one or more:
+
+    all_colour    "all the red shapes"             all_shape "all the circles"
+
+Multi-object rows carry the targets as ``objects`` (JSON ``[{"bbox_2d", "point_2d"}]``, image pixels,
+point = the centre of the largest inscribed circle) and ``mask`` as a list of RLEs, one per target. Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
 bbox and points come from the mask (data/masks.py). The same seed gives the same bytes; row i depends
 only on (seed, i), so a larger n extends a smaller one and another seed gives a disjoint set.
 """
@@ -24,14 +30,16 @@ from PIL import Image
 from data.masks import bbox_from_mask, encode_rle, points_from_mask
 from data.position_code import FREQUENCIES, draw_barcodes
 from data.schema import write_rows
-from data.segzero import reference_answer  # noqa: F401  (documented entry point for the warm start)
+from data.segzero import multi_object_solution, reference_answer  # noqa: F401  (reference_answer: the warm start's)
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (230, 200, 30), "purple": (150, 60, 190),
 }
 SHAPES = ("circle", "square", "triangle")
-KINDS = ("colour_shape", "colour", "shape", "relation", "extreme", "size")
+SINGLE_KINDS = ("colour_shape", "colour", "shape", "relation", "extreme", "size")
+MULTI_KINDS = ("all_colour", "all_shape")
+KINDS = SINGLE_KINDS + MULTI_KINDS
 DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 EXTREMES = {"leftmost": (-1, 0), "rightmost": (1, 0), "topmost": (0, -1), "bottommost": (0, 1)}
 SIZE_MARGIN = 1.2  # "largest"/"smallest" only when the area beats every other shape's by this factor
@@ -53,9 +61,9 @@ def matching_shapes(query: dict, shapes: list[dict]) -> list[int]:
     kind = query["kind"]
     if kind == "colour_shape":
         return [i for i, s in enumerate(shapes) if (s["colour"], s["shape"]) == (query["colour"], query["shape"])]
-    if kind == "colour":
+    if kind in ("colour", "all_colour"):
         return [i for i, s in enumerate(shapes) if s["colour"] == query["colour"]]
-    if kind == "shape":
+    if kind in ("shape", "all_shape"):
         return [i for i, s in enumerate(shapes) if s["shape"] == query["shape"]]
     if kind == "relation":
         refs = matching_shapes({"kind": "colour_shape", "colour": query["colour"], "shape": query["shape"]}, shapes)
@@ -87,16 +95,23 @@ def query_text(query: dict) -> str:
         return f"the {query['shape']}"
     if kind == "relation":
         return f"the shape {query['direction']} the {query['colour']} {query['shape']}"
+    if kind == "all_colour":
+        return f"all the {query['colour']} shapes"
+    if kind == "all_shape":
+        return f"all the {query['shape']}s"
     return f"the {query['which']} shape"  # extreme, size
 
 
 def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
-    """All queries of the allowed kinds that single out exactly one shape, grouped by kind."""
+    """All queries of the allowed kinds that single out exactly one shape (multi-object kinds: one or
+    more), grouped by kind."""
     qs = {k: [] for k in kinds}
     for s in shapes:
         qs.get("colour_shape", []).append({"kind": "colour_shape", "colour": s["colour"], "shape": s["shape"]})
         qs.get("colour", []).append({"kind": "colour", "colour": s["colour"]})
         qs.get("shape", []).append({"kind": "shape", "shape": s["shape"]})
+        qs.get("all_colour", []).append({"kind": "all_colour", "colour": s["colour"]})
+        qs.get("all_shape", []).append({"kind": "all_shape", "shape": s["shape"]})
         for d in DIRECTIONS:
             qs.get("relation", []).append({"kind": "relation", "direction": d, "colour": s["colour"], "shape": s["shape"]})
     for w in EXTREMES:
@@ -108,7 +123,8 @@ def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
         seen, keep = set(), []
         for q in lst:
             key = tuple(sorted(q.items()))
-            if key not in seen and len(matching_shapes(q, shapes)) == 1:
+            matches = len(matching_shapes(q, shapes))
+            if key not in seen and (matches == 1 or (k in MULTI_KINDS and matches >= 1)):
                 seen.add(key)
                 keep.append(q)
         if keep:
@@ -174,7 +190,8 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
 
 def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
                   jitter: int = 0, size_range: tuple[int, int] = (6, 12), num_shapes: tuple[int, int] = (2, 4),
-                  noise: float = 0.5, kinds=KINDS, background: str = "plain", barcodes: str = "off") -> dict:
+                  noise: float = 0.5, kinds=SINGLE_KINDS, background: str = "plain", barcodes: str = "off",
+                  multi_object: bool = False) -> dict:
     """Row ``index`` of the synthetic set (DESIGN §4 schema plus ``reasoning`` and ``kind``).
 
     grid: cells per side (default image_size // 28, one cell per merged patch); jitter: max offset in
@@ -183,10 +200,13 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
     background: "plain" (grey) or "gradient" (an absolute-position cue, see ``background_pixels``);
     barcodes: "all" writes each patch's position into its top pixel rows (data/position_code.py),
     "objects" only into the patches a shape touches, "off" none; for the tiny policy, whose random vision
-    tower cannot otherwise tell where a patch is.
+    tower cannot otherwise tell where a patch is; multi_object: the row names every target (``objects``,
+    ``mask`` a list of RLEs; box and points of the union), as multi-object kinds need.
     """
     if barcodes not in BARCODES:
         raise ValueError(f"barcodes must be one of {BARCODES}, got {barcodes!r}")
+    if not multi_object and set(kinds) & set(MULTI_KINDS):
+        raise ValueError(f"query kinds {sorted(set(kinds) & set(MULTI_KINDS))} name several shapes: multi_object=True")
     grid = grid or max(image_size // 28, 2)
     if grid * grid < num_shapes[1]:
         raise ValueError(f"a {grid}x{grid} grid cannot hold {num_shapes[1]} shapes")
@@ -199,21 +219,27 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
             break
     kind = sorted(candidates)[int(rng.integers(len(candidates)))]
     query = candidates[kind][int(rng.integers(len(candidates[kind])))]
-    target = shapes[matching_shapes(query, shapes)[0]]
+    targets = [shapes[i] for i in matching_shapes(query, shapes)]
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    return {
-        "id": f"synthetic-{seed}-{index:06d}", "image": buf.getvalue(),
-        "height": image_size, "width": image_size, "problem": query_text(query),
-        "mask": encode_rle(target["mask"]), "bbox": bbox_from_mask(target["mask"]),
-        "points": points_from_mask(target["mask"]), "source": "synthetic",
-        "reasoning": f"{target['colour']} {target['shape']}", "kind": kind,
-    }
+    row = {"id": f"synthetic-{seed}-{index:06d}", "image": buf.getvalue(), "height": image_size,
+           "width": image_size, "problem": query_text(query), "source": "synthetic", "kind": kind}
+    if not multi_object:
+        target = targets[0]
+        return {**row, "mask": encode_rle(target["mask"]), "bbox": bbox_from_mask(target["mask"]),
+                "points": points_from_mask(target["mask"]), "reasoning": f"{target['colour']} {target['shape']}"}
+    union = np.logical_or.reduce([t["mask"] for t in targets])
+    objects = [{"bbox_2d": bbox_from_mask(t["mask"]), "point_2d": points_from_mask(t["mask"])[0]} for t in targets]
+    return {**row, "mask": [encode_rle(t["mask"]) for t in targets], "bbox": bbox_from_mask(union),
+            "points": points_from_mask(union), "objects": multi_object_solution(objects),
+            "reasoning": " ".join(f"{t['colour']} {t['shape']}" for t in targets)}
 
 
-def write_synthetic(path: str | Path, n: int, image_size: int = 112, seed: int = 0, **options) -> Path:
+def write_synthetic(path: str | Path, n: int, image_size: int = 112, seed: int = 0, multi_object: bool = False,
+                    **options) -> Path:
     """Writes n synthetic rows to a Parquet file (``options`` as in synthetic_row); returns the path."""
     if image_size % 28:
         raise ValueError(f"image_size must be a multiple of 28, got {image_size}")
-    rows = (synthetic_row(i, image_size, seed, **options) for i in range(n))
-    return write_rows(path, rows, extra=("reasoning", "kind"))
+    rows = (synthetic_row(i, image_size, seed, multi_object=multi_object, **options) for i in range(n))
+    extra = ("reasoning", "kind") + (("objects",) if multi_object else ())
+    return write_rows(path, rows, extra=extra, multi_mask=multi_object)

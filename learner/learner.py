@@ -164,7 +164,7 @@ class Learner:
         # Padding micro-batches (see module docstring) forward this sample with zero weight.
         size = cfg.model.image_size
         from PIL import Image
-        self._filler = {"prompt": chat_prompt(""), "image": Image.new("RGB", (size, size)),
+        self._filler = {"prompt": chat_prompt("", cfg.reward.rules), "image": Image.new("RGB", (size, size)),
                         "response_ids": [self.pad_id], "logprobs": [0.0], "advantage": 0.0}
         n_train = sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in trainable)
         log.info("learner rank %d/%d: ZeRO-%d, %s, %.1fM trainable params, reference=%s", rank, world_size,
@@ -225,7 +225,8 @@ class Learner:
         current one: old_logp = logp.detach() from the same forward (ratio = 1, gradient A * grad logp,
         as GRPO with one update per batch). None counts are computed by an all-reduce.
         Returns whole-batch metrics: loss, pg_loss, kl, entropy, clip_frac, dual_clip_frac, ratio_mean,
-        ratio_max, grad_norm (before clipping), lr (used by this step), tokens, seqs, logprob_drift
+        ratio_max, grad_norm (before clipping), lr (used by this step), tokens, seqs, trained_seqs (the
+        sequences all ranks actually trained, summed: the driver checks it), logprob_drift
         = mean over response tokens of |learner logprob before the update - vLLM sampling logprob|.
         """
         lc = self.cfg.learner
@@ -259,6 +260,7 @@ class Learner:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
             sums["loss"] += loss.item()
+            sums["trained_seqs"] += len(chunk) if real else 0
             for k, v in m.items():
                 if k == "ratio_max":
                     maxes[k] = max(maxes[k], v.item())

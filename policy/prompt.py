@@ -1,8 +1,14 @@
-"""Seg-Zero's prompt (v1) and chat formatting, shared by rollout, learner, evaluation and inference.
+"""The prompts the policy is trained and evaluated with, and their chat formatting, shared by rollout,
+learner, evaluation and inference. The rule set (config ``reward.rules``) decides which one:
+
+- ``segzero``, ``segzero_soft``: Seg-Zero's prompt (v1), one box and two points, ``Question =
+  problem.lower().strip(".")``, the example answer ``{'bbox': [...], 'points_1': [...], 'points_2': [...]}``.
+- ``multi_object``: VisionReasoner's training prompt (``verl/utils/rl_dataset.py`` in Seg-Zero's
+  repository): every matching object as a JSON list ``[{"bbox_2d": [...], "point_2d": [...]}, ...]``,
+  with a newline between the image and the text, as its training code writes it.
 
 The model sees: system "You are a helpful assistant.", then a user turn holding the image followed by
-the text below, with ``Question = problem.lower().strip(".")``. Coordinates in the answer live in the
-resized image (model.image_size; Seg-Zero: 840).
+the text. Coordinates in the answer live in the resized image (model.image_size; both papers: 840).
 """
 from __future__ import annotations
 
@@ -15,15 +21,26 @@ SEGZERO_TEMPLATE = (
     "Output the one bbox and points of two largest inscribed circles inside the interested object in JSON format."
     "i.e., <think> thinking process here </think><answer>{answer}</answer>"
 )
+MULTI_OBJECT_EXAMPLE_ANSWER = ('[{"bbox_2d": [10,100,200,210], "point_2d": [30,110]}, '
+                               '{"bbox_2d": [225,296,706,786], "point_2d": [302,410]}]')
+MULTI_OBJECT_TEMPLATE = (
+    "\nPlease find \"{question}\" with bboxs and points."
+    "Compare the difference between object(s) and find the most closely matched object(s)."
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+    "Output the bbox(es) and point(s) inside the interested object(s) in JSON format."
+    "i.e., <think> thinking process here </think><answer>{answer}</answer>"
+)
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def question_text(problem: str) -> str:
-    """The user text after the image: Seg-Zero's template with the lower-cased query."""
+def question_text(problem: str, rules: str = "segzero") -> str:
+    """The user text after the image: the rule set's template with the lower-cased query."""
+    if rules == "multi_object":
+        return MULTI_OBJECT_TEMPLATE.format(question=problem.lower().strip("."), answer=MULTI_OBJECT_EXAMPLE_ANSWER)
     return SEGZERO_TEMPLATE.format(question=problem.lower().strip("."), answer=EXAMPLE_ANSWER)
 
 
-def chat_prompt(problem: str) -> str:
+def chat_prompt(problem: str, rules: str = "segzero") -> str:
     """Full chat-formatted prompt string (Qwen2.5-VL layout) ending where the assistant starts.
 
     Written out rather than rendered through a tokenizer's chat template so that rollout (vLLM) and
@@ -31,6 +48,6 @@ def chat_prompt(problem: str) -> str:
     """
     return (
         f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-        f"<|im_start|>user\n{VISION_PLACEHOLDER}{question_text(problem)}<|im_end|>\n"
+        f"<|im_start|>user\n{VISION_PLACEHOLDER}{question_text(problem, rules)}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )

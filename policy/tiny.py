@@ -38,6 +38,11 @@ def _word_tokens() -> list[str]:
 
 
 WORD_TOKENS = _word_tokens()
+# VisionReasoner's prompt and answer list (reward.rules=multi_object) and the multi-object queries: added
+# after WORD_TOKENS so that no earlier token id moves and the vocabulary stays within its padded size
+# (the same random weights for the same seed).
+MULTI_OBJECT_WORD_TOKENS = ['[{"bbox_2d":[', '],"point_2d":[', ']},{"bbox_2d":[', ']}]'] + [
+    form for w in ("all", "bboxs", "point", "shapes", "squares", "triangles") for form in (w, " " + w)]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -65,6 +70,7 @@ def _byte_level_tokenizer():
     tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
     tok.add_tokens(SEGZERO_TAGS + NUMBER_TOKENS)
     tok.add_tokens(WORD_TOKENS)  # after the numbers: number token ids do not depend on the word list
+    tok.add_tokens(MULTI_OBJECT_WORD_TOKENS)
     return tok
 
 

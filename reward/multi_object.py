@@ -15,7 +15,8 @@ first `<answer>` and the next `</answer>`, whitespace stripped.
 The box IoU here is VisionReasoner's: inter = max(0, ix2 - ix1 + 1) * max(0, iy2 - iy1 + 1) (it differs
 from Seg-Zero's, which needs ix1 < ix2). VisionReasoner's format term only checks list lengths; its
 accuracy term fails on any item whose values are not numbers or have the wrong length, which is what
-`parse_objects` enforces here (booleans are not numbers). Any exception scores 0 for that term.
+`parse_objects` enforces here (booleans count as the numbers 0 and 1 there, as numpy takes them; the
+segmenter's prompts, `parse_answer_objects`, refuse them). Any exception scores 0 for that term.
 """
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ import json
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from reward.rules import _is_number, think_format_reward
+from reward.rules import think_format_reward
 
 TERMS = ("think_format", "answer_format", "accuracy", "non_repeat")
 MAX_OBJECTS = 120
 POINT_THRESHOLD_PX = 30
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def answer_text(response: str) -> str | None:
@@ -61,9 +66,10 @@ def answer_format_reward(response: str) -> float:
     return total
 
 
-def parse_objects(text_json) -> tuple[np.ndarray, np.ndarray] | None:
+def parse_objects(text_json, allow_bool: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """A JSON list of objects -> (boxes [M,4], points [M,2]) float64, first 120 objects; None when
     any item lacks a box of 4 numbers or a point of 2 numbers, or the list is empty."""
+    number = (lambda v: isinstance(v, (int, float))) if allow_bool else _is_number
     if not isinstance(text_json, list) or not text_json:
         return None
     boxes, points = [], []
@@ -71,9 +77,9 @@ def parse_objects(text_json) -> tuple[np.ndarray, np.ndarray] | None:
         if not isinstance(item, dict):
             return None
         box, point = item.get("bbox_2d"), item.get("point_2d")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(number(v) for v in box)):
             return None
-        if not (isinstance(point, list) and len(point) == 2 and all(_is_number(v) for v in point)):
+        if not (isinstance(point, list) and len(point) == 2 and all(number(v) for v in point)):
             return None
         boxes.append([float(v) for v in box])  # float(): an int beyond a double raises -> term 0
         points.append([float(v) for v in point])
@@ -82,8 +88,8 @@ def parse_objects(text_json) -> tuple[np.ndarray, np.ndarray] | None:
 
 def accuracy_reward(response: str, solution: str) -> float:
     """sum over Hungarian-matched pairs of ([IoU>0.5] + [L1<10] + [dist<30 & point in box]) / max(M, N)."""
-    gt = parse_objects(json.loads(solution))
-    pred = parse_objects(_answer_json(response))
+    gt = parse_objects(json.loads(solution), allow_bool=True)
+    pred = parse_objects(_answer_json(response), allow_bool=True)
     if gt is None or pred is None:
         return 0.0
     (pb, pp), (gb, gp) = pred, gt

@@ -1,7 +1,7 @@
-"""Seg-Zero v1 rule rewards: five 0/1 terms, summed by the caller (0..5).
+"""Seg-Zero v1 rule rewards: five 0/1 terms, summed by the caller (0..5), to the letter of Seg-Zero's code.
 
-Read from Seg-Zero's `verl/utils/reward_score/seg_restrict.py` (strict, the one its training configs
-use: `compute_score: seg_strict`) and `seg.py` (soft). What this file keeps to the letter:
+Read from Seg-Zero's `verl/utils/reward_score/seg_restrict.py` (rules `segzero`: the strict rules its
+training configs use, `compute_score: seg_strict`) and `seg.py` (rules `segzero_soft`). What both do:
 
 - think_format: `re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", s, re.DOTALL)`, so any text
   before `<think>` or after `</answer>` scores 0.
@@ -10,23 +10,23 @@ use: `compute_score: seg_strict`) and `seg.py` (soft). What this file keeps to t
   0 on all four answer terms; a nested object is cut at its first `}` and does not parse either.
 - The ground truth is `<box>(x1,y1),(x2,y2)</box><points>(x,y),(x,y)</points>` with non-negative
   integers; a solution that does not match scores 0 on the terms that need it.
+- answer_format checks keys and lengths only, never that the values are numbers: strict, `bbox` is a
+  list of 4 and `points_1`, `points_2` lists of 2; soft, the first key containing "bbox" (any case) has
+  4 items and the first two other keys containing "point" have 2 each (strings of that length pass).
 - bbox_iou: IoU > 0.5 (strictly) with inclusive pixel areas (x2 - x1 + 1)(y2 - y1 + 1); the
-  intersection counts only when inter_x1 < inter_x2 and inter_y1 < inter_y2 (Seg-Zero's test).
+  intersection counts only when inter_x1 < inter_x2 and inter_y1 < inter_y2. The box values are used
+  as they come: numbers (booleans are Python ints) compute, strings raise and score 0.
 - bbox_l1: mean |coordinate error| over the four box numbers < 10 px (strictly).
-- point_l1: both points (truncated with int(), as Seg-Zero does) inside the predicted box, edges
-  included, and the order-invariant mean distance min(d(p1,g1)+d(p2,g2), d(p1,g2)+d(p2,g1)) / 2
-  < 100 px (strictly).
+- point_l1: the points are `[int(p[0]), int(p[1])]` (Seg-Zero truncates, so `["717", "570"]` counts as
+  [717, 570]); both inside the predicted box, edges included, and the order-invariant mean distance
+  min(d(p1,g1)+d(p2,g2), d(p1,g2)+d(p2,g1)) / 2 < 100 px (strictly). Strict keys `points_1`,
+  `points_2`; soft: the first two keys containing "points" (plural, unlike the soft format term).
 - Any exception inside a term scores 0 for that term.
 
-Where this file is deliberately stricter than Seg-Zero (DESIGN §6 asks for numbers): a box must be a
-list of 4 finite JSON numbers and a point a list of exactly 2, for every term (Seg-Zero's strict format
-checks only list lengths, so `"bbox": ["a","b","c","d"]` or `[NaN, 0, 1, 1]` earned it a format point;
-here they earn nothing; booleans are not numbers, nor are NaN, Infinity, or ints beyond a double).
-So answer_format == 1 exactly when `parse_answer` returns a prompt for the segmenter.
-
-Soft variant (`seg.py`): the box is the first key containing "bbox", the points the first two other
-keys containing "point" (case-insensitive). Seg-Zero's soft point term looked for "points" while its
-soft format term looked for "point"; one rule serves both here.
+The segmenter needs numbers, so `parse_answer` (the mask term's prompts) is stricter than the format
+term: 4 and 2 finite coordinates, numbers or numeric strings, never booleans. When it returns a prompt,
+answer_format is 1; the converse does not hold (`"bbox": ["a","b","c","d"]` earns the format point
+and no mask).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ TERMS = ("think_format", "answer_format", "bbox_iou", "bbox_l1", "point_l1")
 THINK_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 GT_BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
 GT_POINTS = re.compile(r"<points>\((\d+),(\d+)\),\((\d+),(\d+)\)</points>")
+STRICT_POINT_KEYS = ("points_1", "points_2")
 
 
 def first_brace_block(text: str) -> str | None:
@@ -70,34 +71,32 @@ def first_json_object(text: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_finite_number(v) -> bool:
-    try:
-        return _is_number(v) and math.isfinite(v)
-    except OverflowError:  # an int beyond a double
-        return False
-
-
-def _numbers(v, n: int) -> bool:
-    """A list of exactly n finite numbers."""
-    return isinstance(v, list) and len(v) == n and all(_is_finite_number(x) for x in v)
-
-
-def answer_keys(data: dict, soft: bool) -> tuple[str | None, list[str]]:
-    """(box key, point keys) of a parsed answer: exact names, or Seg-Zero's soft substring rule."""
+def box_key(data: dict, soft: bool):
+    """Strict: "bbox"; soft: the first key containing "bbox" in any case (None when there is none)."""
     if not soft:
-        return ("bbox" if "bbox" in data else None), [k for k in ("points_1", "points_2") if k in data]
-    box_key, point_keys = None, []
+        return "bbox"
+    return next((key for key in data if "bbox" in key.lower()), None)
+
+
+def format_keys(data: dict, soft: bool) -> tuple[object, list]:
+    """(box key, point keys) as the format term reads them: strict, the fixed names present in data;
+    soft, Seg-Zero's loop (first key with "bbox"; every later key with "point" that is not that one)."""
+    if not soft:
+        return ("bbox" if "bbox" in data else None), [k for k in STRICT_POINT_KEYS if k in data]
+    bbox, points = None, []
     for key in data:
-        name = str(key).lower()
-        if "bbox" in name and box_key is None:
-            box_key = key
-        elif "point" in name:
-            point_keys.append(key)
-    return box_key, point_keys[:2]
+        if "bbox" in key.lower() and bbox is None:
+            bbox = key
+        elif "point" in key.lower():
+            points.append(key)
+    return bbox, points
+
+
+def point_keys(data: dict, soft: bool) -> list:
+    """The point term's keys: strict `points_1`, `points_2`; soft, the first two keys containing "points"."""
+    if not soft:
+        return list(STRICT_POINT_KEYS)
+    return [key for key in data if "points" in key.lower()][:2]
 
 
 def think_format_reward(response: str) -> float:
@@ -105,13 +104,15 @@ def think_format_reward(response: str) -> float:
 
 
 def answer_format_reward(data: dict | None, soft: bool = False) -> float:
-    """1 when the first JSON object has a box of 4 numbers and two points of 2 numbers each."""
+    """1 when the first JSON object has the box and two points, by length (see the module docstring)."""
     if data is None:
         return 0.0
-    box_key, point_keys = answer_keys(data, soft)
-    ok = box_key is not None and len(point_keys) == 2 and _numbers(data[box_key], 4) \
-        and all(_numbers(data[k], 2) for k in point_keys)
-    return 1.0 if ok else 0.0
+    bbox, points = format_keys(data, soft)
+    if bbox is None or len(points) < 2 or len(data[bbox]) != 4:
+        return 0.0
+    if not soft and not (isinstance(data[bbox], list) and all(isinstance(data[k], list) for k in points)):
+        return 0.0
+    return 1.0 if all(len(data[k]) == 2 for k in points[:2]) else 0.0
 
 
 def box_iou_inclusive(a, b) -> float:
@@ -142,16 +143,17 @@ def _point_in_box(p, box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
 
-def _pred_box(data: dict | None, soft: bool):
-    box_key, _ = answer_keys(data, soft)
-    box = data[box_key]
-    if not _numbers(box, 4):
-        raise ValueError("box is not 4 numbers")
+def _pred_box(data: dict, soft: bool):
+    """The answer's box as Seg-Zero takes it: the value under the box key when it has 4 items (raises
+    otherwise, which scores the term 0)."""
+    box = data[box_key(data, soft)]
+    if len(box) != 4:
+        raise ValueError("the box has not 4 items")
     return box
 
 
 def _gt_box(solution: str) -> list[int]:
-    return [int(v) for v in GT_BOX.search(solution).groups()]
+    return [int(v) for v in GT_BOX.search(solution.strip()).groups()]
 
 
 def _gt_points(solution: str) -> list[list[int]]:
@@ -159,27 +161,30 @@ def _gt_points(solution: str) -> list[list[int]]:
     return [v[0:2], v[2:4]]
 
 
-def bbox_iou_reward(data: dict | None, solution: str, soft: bool = False) -> float:
-    return 1.0 if box_iou_inclusive(_pred_box(data, soft), _gt_box(solution)) > 0.5 else 0.0
+def bbox_iou_reward(data: dict, solution: str, soft: bool = False) -> float:
+    gt = _gt_box(solution)
+    return 1.0 if box_iou_inclusive(_pred_box(data, soft), gt) > 0.5 else 0.0
 
 
-def bbox_l1_reward(data: dict | None, solution: str, soft: bool = False) -> float:
-    return 1.0 if box_l1(_pred_box(data, soft), _gt_box(solution)) < 10 else 0.0
+def bbox_l1_reward(data: dict, solution: str, soft: bool = False) -> float:
+    gt = _gt_box(solution)
+    return 1.0 if box_l1(_pred_box(data, soft), gt) < 10 else 0.0
 
 
-def point_l1_reward(data: dict | None, solution: str, soft: bool = False) -> float:
+def point_l1_reward(data: dict, solution: str, soft: bool = False) -> float:
+    gt = _gt_points(solution)
     box = _pred_box(data, soft)
-    _, point_keys = answer_keys(data, soft)
-    if len(point_keys) != 2 or not all(_numbers(data[k], 2) for k in point_keys):
+    keys = point_keys(data, soft)
+    if len(keys) != 2:
         return 0.0
-    points = [[int(data[k][0]), int(data[k][1])] for k in point_keys]  # int(): Seg-Zero truncates
+    points = [[int(data[k][0]), int(data[k][1])] for k in keys]  # int(): Seg-Zero truncates
     if not all(_point_in_box(p, box) for p in points):
         return 0.0
-    return 1.0 if points_distance(points, _gt_points(solution)) < 100 else 0.0
+    return 1.0 if points_distance(points, gt) < 100 else 0.0
 
 
 def _safe(term, *args) -> float:
-    """A term's value, or 0 when it raises (missing key, NaN to int, overflow, bad ground truth...)."""
+    """A term's value, or 0 when it raises (missing key, a string among numbers, no ground truth...)."""
     try:
         return float(term(*args))
     except Exception:
@@ -198,24 +203,41 @@ def segzero_rewards(response: str, solution: str, soft: bool = False) -> dict[st
     if not isinstance(response, str):
         response = ""
     data = _safe_parse(response)
+    geometry = (lambda term: _safe(term, data, solution, soft)) if data is not None else (lambda term: 0.0)
     return {
         "think_format": _safe(think_format_reward, response),
         "answer_format": _safe(answer_format_reward, data, soft),
-        "bbox_iou": _safe(bbox_iou_reward, data, solution, soft),
-        "bbox_l1": _safe(bbox_l1_reward, data, solution, soft),
-        "point_l1": _safe(point_l1_reward, data, solution, soft),
+        "bbox_iou": geometry(bbox_iou_reward),
+        "bbox_l1": geometry(bbox_l1_reward),
+        "point_l1": geometry(point_l1_reward),
     }
+
+
+def coordinate(value) -> float | None:
+    """A segmenter coordinate: a finite number or numeric string (never a boolean), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_answer(response: str, soft: bool = False) -> dict | None:
     """The segmenter prompt of a response: {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]} as finite
-    floats (model space), or None exactly when the answer format term is 0."""
+    floats (model space), read with the format term's keys; None when the answer holds no such numbers."""
     try:
         data = first_json_object(response)
         if not answer_format_reward(data, soft):
             return None
-        box_key, point_keys = answer_keys(data, soft)
-        return {"bbox": [float(v) for v in data[box_key]],
-                "points": [[float(v) for v in data[k]] for k in point_keys]}
+        bbox, points = format_keys(data, soft)
+        values = [data[bbox]] + [data[k] for k in points[:2]]
+        if not all(isinstance(v, list) for v in values):
+            return None
+        numbers = [[coordinate(c) for c in v] for v in values]
+        if any(c is None for v in numbers for c in v):
+            return None
+        return {"bbox": numbers[0], "points": numbers[1:]}
     except Exception:
         return None

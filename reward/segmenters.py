@@ -63,8 +63,12 @@ class Segmenter(ABC):
         """Make a cached state the current image."""
 
     @abstractmethod
-    def predict(self, boxes: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """boxes [K,4], points [K,P,2] (image pixels) -> bool masks [K,H,W], in one batched call."""
+    def predict(self, boxes: np.ndarray, points: np.ndarray, best_of_three: bool = False) -> np.ndarray:
+        """boxes [K,4], points [K,P,2] (image pixels) -> bool masks [K,H,W], in one batched call.
+
+        best_of_three: SAM2's three candidate masks per prompt (multimask_output=True), keeping the one
+        with the highest predicted IoU, as Seg-Zero's and VisionReasoner's evaluation scripts do; the
+        default is one mask per prompt (multimask_output=False). Segmenters with one mask ignore it."""
 
 
 class Sam2Segmenter(Segmenter):
@@ -106,16 +110,18 @@ class Sam2Segmenter(Segmenter):
         self.predictor._features, self.predictor._orig_hw = state
         self.predictor._is_image_set = True
 
-    def predict(self, boxes, points):
+    def predict(self, boxes, points, best_of_three: bool = False):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         points = np.asarray(points, dtype=np.float32).reshape(len(boxes), -1, 2)
         k = len(boxes)
         with self._torch.inference_mode(), self._autocast():
-            masks, _, _ = self.predictor.predict(
+            masks, scores, _ = self.predictor.predict(
                 point_coords=points, point_labels=np.ones(points.shape[:2], dtype=np.int32),
-                box=boxes, multimask_output=False)
+                box=boxes, multimask_output=best_of_three)
         h, w = self.predictor._orig_hw[0]
-        return masks.reshape(k, -1, h, w)[:, 0] > 0  # [K,1,H,W] (K>1) or [1,H,W] (K=1) -> [K,H,W]
+        masks = masks.reshape(k, -1, h, w)  # [K,C,H,W] (K>1) or [C,H,W] (K=1) -> [K,C,H,W], C = 1 or 3
+        best = np.asarray(scores, dtype=np.float32).reshape(k, -1).argmax(axis=1)
+        return masks[np.arange(k), best] > 0
 
 
 class GrabCutSegmenter(Segmenter):
@@ -134,7 +140,7 @@ class GrabCutSegmenter(Segmenter):
     def _restore(self, state):
         self.image = state
 
-    def predict(self, boxes, points):
+    def predict(self, boxes, points, best_of_three: bool = False):
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         points = np.asarray(points, dtype=np.float64).reshape(len(boxes), -1, 2)
         h, w = self.image.shape[:2]

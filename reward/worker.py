@@ -1,7 +1,9 @@
 """RewardWorker: scores one group (G responses to one prompt) with rule terms + segmenter mask IoU.
 
-Plain Python (no Ray): cluster/reward_pool.py runs N of these as actors; tests and benchmarks build
-one directly. Per group:
+Plain Python (no Ray): cluster/reward_pool.py runs N of these as actors; evaluation (evaluation/run.py)
+builds one in its process, so training and evaluation score answers the same way; tests and
+benchmarks build one directly. A group is made by ``reward_group`` (one sample, its G responses, the
+solution string of the rule set). Per group:
 
 1. rule terms for every response (reward/__init__.py: rule_rewards), never raising;
 2. responses whose answer parses become segmenter prompts, mapped from the model's square image
@@ -33,41 +35,62 @@ logger = logging.getLogger(__name__)
 MAX_MASK_PROMPTS_PER_RESPONSE = 16
 
 
+def reward_group(sample, responses: list[str], rules: str, model_size: int, key: str | None = None) -> dict:
+    """The group a RewardWorker scores: the sample's original image (encoded bytes) and ground-truth mask,
+    the solution string of rule set ``rules`` in model space, and the responses. ``key`` names it in
+    logs (default: the sample id)."""
+    image = sample.image_bytes
+    if not image:
+        buf = io.BytesIO()
+        sample.image.save(buf, format="PNG")
+        image = buf.getvalue()
+    return {"sample_id": key or sample.id, "image": image, "height": sample.height, "width": sample.width,
+            "model_size": model_size, "solution": sample.solution(model_size, rules), "mask": sample.mask_rle,
+            "responses": list(responses)}
+
+
 class RewardWorker:
-    def __init__(self, cfg, device: str = "cpu"):
-        """cfg: config.RewardConfig. The segmenter is built only when the mask term is on."""
+    def __init__(self, cfg, device: str = "cpu", segment: bool = False):
+        """cfg: config.RewardConfig. The segmenter is built when the mask term is on, or with ``segment``
+        (evaluation measures the masks whatever the reward's terms)."""
         self.cfg = cfg
-        self.segmenter = make_segmenter(cfg, device) if cfg.mask_iou != "off" else None
+        self.segmenter = make_segmenter(cfg, device) if cfg.mask_iou != "off" or segment else None
         self.last_stats: dict = {}
 
-    def score_group(self, group: dict) -> list[dict[str, float]]:
-        """group: {"sample_id", "image" (PNG bytes, original), "height", "width", "model_size",
-        "solution", "mask" (RLE, original space), "responses": [G str]} -> one dict per response."""
+    def score_group(self, group: dict, with_masks: bool = False):
+        """group (``reward_group``): {"sample_id", "image" (PNG bytes, original), "height", "width",
+        "model_size", "solution", "mask" (RLE, original space), "responses": [G str]} -> one dict per
+        response; with_masks: also the predicted mask of each response (original pixels; None when its
+        answer does not parse or the mask term is off), what evaluation measures gIoU on."""
         responses = [r if isinstance(r, str) else "" for r in group["responses"]]
         scores = [rule_rewards(self.cfg.rules, r, group.get("solution", "")) for r in responses]
         self.last_stats = {"encode_s": 0.0, "decode_s": 0.0, "cache_hit": False, "num_prompts": 0,
                            "has_mask": group.get("mask") is not None, "mask_error": None}
-        if self.segmenter is not None:
-            for score, iou in zip(scores, self._mask_ious(group, responses)):
+        masks: list = [None] * len(responses)
+        mask_term = self.cfg.mask_iou != "off"
+        if self.segmenter is not None and (mask_term or with_masks):
+            masks, ious = self._masks(group, responses, with_masks)
+            for score, iou in zip(scores, ious if mask_term else ()):
                 score["mask_iou"] = 0.0 if iou is None else mask_reward(iou, self.cfg.mask_iou, self.cfg.mask_threshold)
         for score in scores:
-            score["total"] = sum(self.cfg.weights.get(term, 1.0) * value for term, value in score.items())
-        return scores
+            score["total"] = weighted_total(score, self.cfg.weights)
+        return (scores, masks) if with_masks else scores
 
-    def _mask_ious(self, group: dict, responses: list[str]) -> list[float | None]:
-        """IoU of each response's mask with the ground truth; None where there is none to compute."""
+    def _masks(self, group: dict, responses: list[str], wanted: bool) -> tuple[list, list[float | None]]:
+        """Each response's predicted mask and its IoU with the ground truth (None where there is none:
+        an answer that does not parse; no IoU either when the sample has no ground-truth mask, and no
+        segmentation at all then unless the masks are ``wanted``)."""
+        masks: list = [None] * len(responses)
         ious: list[float | None] = [None] * len(responses)
-        if group.get("mask") is None:
-            return ious
         prompts = {}
         for i, response in enumerate(responses):
             p = answer_prompts(self.cfg.rules, response)
             if p is not None:
                 prompts[i] = (p[0][:MAX_MASK_PROMPTS_PER_RESPONSE], p[1][:MAX_MASK_PROMPTS_PER_RESPONSE])
-        if not prompts:
-            return ious
+        if not prompts or (group.get("mask") is None and not wanted):
+            return masks, ious
         try:
-            gt = decode_rle(group["mask"])
+            gt = decode_rle(group["mask"]) if group.get("mask") is not None else None
             image = np.array(Image.open(io.BytesIO(group["image"])).convert("RGB"))  # writable, as torch wants
             height, width = image.shape[:2]
             # The image id is a hash of its bytes: samples that share an image share its embedding.
@@ -80,17 +103,22 @@ class RewardWorker:
             boxes = np.concatenate([b for b, _ in mapped])
             points = np.concatenate([p for _, p in mapped])
             start = time.perf_counter()
-            masks = self.segmenter.predict(boxes, points)  # one batched decode for the whole group
+            predicted = self.segmenter.predict(boxes, points)  # one batched decode for the whole group
             self.last_stats["decode_s"] = time.perf_counter() - start
             self.last_stats["num_prompts"] = len(boxes)
 
             offset = 0
             for i, (b, _) in zip(prompts, mapped):
-                pred = masks[offset:offset + len(b)].any(axis=0)  # multi-object: union of object masks
+                masks[i] = predicted[offset:offset + len(b)].any(axis=0)  # multi-object: union of object masks
                 offset += len(b)
-                ious[i] = mask_iou(pred, gt)
+                ious[i] = mask_iou(masks[i], gt) if gt is not None else None
         except Exception as exc:  # a corrupt image or mask must not stop training: mask terms are 0
             logger.warning("mask IoU failed for sample %s: %s", group.get("sample_id"), exc)
             self.last_stats["mask_error"] = repr(exc)
-            return [None] * len(responses)
-        return ious
+            return [None] * len(responses), [None] * len(responses)
+        return masks, ious
+
+
+def weighted_total(terms: dict[str, float], weights: dict[str, float]) -> float:
+    """total = sum over terms of weights.get(term, 1) * value (config reward.weights)."""
+    return sum(weights.get(term, 1.0) * value for term, value in terms.items() if term != "total")

@@ -122,7 +122,7 @@ class RolloutWorker:
             n=n, max_tokens=max_tokens, min_tokens=min(r.min_new_tokens, max_tokens), logprobs=0,
             temperature=0.0 if greedy else (r.temperature if temperature is None else temperature),
             top_p=1.0 if greedy else r.top_p, logit_bias=self.banned_logit_bias)
-        texts = [chat_prompt(p["problem"]) for p in prompts]
+        texts = [chat_prompt(p["problem"], self.cfg.reward.rules) for p in prompts]
         fits = self._fits_context(texts, params.max_tokens)
         requests = [{"prompt": text, "multi_modal_data": {"image": p["image"]}}
                     for text, p, ok in zip(texts, prompts, fits) if ok]
@@ -171,7 +171,7 @@ class RolloutWorker:
         """
         from vllm import SamplingParams
 
-        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"]), add_special_tokens=False)
+        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"], self.cfg.reward.rules), add_special_tokens=False)
         request = {"prompt_token_ids": prompt_ids + list(token_ids),
                    "multi_modal_data": {"image": prompt["image"]}}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)

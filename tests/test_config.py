@@ -21,6 +21,8 @@ def test_dotted_overrides_apply_with_types():
                              "cluster.reward.num_gpus=0.25"])
     assert cfg.rollout.group_size == 8 and cfg.cluster.reward_workers == 2
     assert cfg.learner.lr == 3e-6 and cfg.cluster.reward.num_gpus == 0.25
+    # a bare `off` is YAML 1.1's false: still the mask mode "off"
+    assert load_config(None, ["reward.mask_iou=off"]).reward.mask_iou == "off"
 
 
 @pytest.mark.parametrize("override, field", [
@@ -31,11 +33,21 @@ def test_dotted_overrides_apply_with_types():
     ("model.image_size=100", "model"),
     ("reward.segmenter=sam2", "sam2_checkpoint"),
     ("cluster.learner.num_cpus=-1", "cluster.learner.num_cpus"),
+    ("data.synthetic_kinds=[all_colour]", "data.synthetic_kinds"),  # several targets under single-object rules
+    ("data.synthetic_shapes=[3,2]", "data.synthetic_shapes"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert field in str(err.value)
+
+
+def test_synthetic_data_follows_the_rule_set():
+    single, multi = load_config(), load_config(None, ["reward.rules=multi_object"])
+    assert single.data.synthetic_kinds == ["colour_shape", "colour"] and single.data.synthetic_shapes == (1, 2)
+    assert multi.data.synthetic_kinds == ["colour_shape", "colour", "all_colour"] and multi.data.synthetic_shapes == (1, 3)
+    chosen = load_config(None, ["reward.rules=multi_object", "data.synthetic_kinds=[all_shape]", "data.synthetic_shapes=[2,4]"])
+    assert chosen.data.synthetic_kinds == ["all_shape"] and chosen.data.synthetic_shapes == (2, 4)
 
 
 def test_launch_rejects_bad_config_before_starting_anything():

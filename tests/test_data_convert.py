@@ -73,7 +73,7 @@ def test_visionreasoner_arrow_stream(tmp_path):
     assert row["bbox"] == [10, 10, 100, 100] and row["points"] == [[50, 60], [50, 60]]
     assert row["source"] == "visionreasoner"
     (s,) = iter_samples(out)
-    assert json.loads(s.solution(420, multi_object=True))[1] == {"bbox_2d": [100, 105, 200, 210], "point_2d": [150, 155]}
+    assert json.loads(s.solution(420, "multi_object"))[1] == {"bbox_2d": [100, 105, 200, 210], "point_2d": [150, 155]}
 
 
 def test_released_evaluation_rows_with_bool_masks(tmp_path):

@@ -161,4 +161,4 @@ def test_sample_model_space():
     assert s.model_image(112).size == (112, 112)
     assert s.reference_answer(112) == ('<think>red circle</think><answer>{"bbox":[6,22,84,90],'
                                        '"points_1":[28,56],"points_2":[111,111]}</answer>')
-    assert json.loads(s.solution(112, multi_object=True)) == [{"bbox_2d": [6, 22, 84, 90], "point_2d": [28, 56]}]
+    assert json.loads(s.solution(112, "multi_object")) == [{"bbox_2d": [6, 22, 84, 90], "point_2d": [28, 56]}]

@@ -1,3 +1,4 @@
+import pytest
 import io
 import json
 import re
@@ -82,3 +83,37 @@ def test_reference_answer_format():
     assert m and m.group(1) == "red circle"
     assert json.loads(m.group(2)) == {"bbox": [1, 2, 30, 40], "points_1": [10, 20], "points_2": [12, 22]}
     assert reference_answer("The Cat.", [0, 0, 1, 1], [[0, 0], [1, 1]]).startswith("<think>the cat</think>")
+
+
+def test_multi_object_rows_name_every_target(tmp_path):
+    """'all the red shapes' names every red shape: one object (box, point) and one mask per target; the
+    rule set's solution and reference answer list them all, and the reference answer earns full marks."""
+    import json
+
+    from data.dataset import ParquetSource
+    from data.masks import decode_rle
+    from reward import rule_rewards
+
+    path = write_synthetic(tmp_path / "m.parquet", 40, 112, seed=2, multi_object=True, barcodes="objects",
+                           kinds=("colour", "all_colour"), num_shapes=(1, 3))
+    samples = list(ParquetSource(path, shuffle=False).iter_epoch())
+    assert len(samples) == 40
+    several = [s for s in samples if len(s.objects) > 1]
+    assert several and all(s.problem.startswith("all the ") for s in several)
+    for s in samples:
+        union = decode_rle(s.mask_rle)
+        assert len(s.mask_rle) == len(s.objects)
+        for rle, obj in zip(s.mask_rle, s.objects):
+            mask = decode_rle(rle)
+            ys, xs = mask.nonzero()
+            assert obj["bbox_2d"] == [xs.min(), ys.min(), xs.max(), ys.max()] and mask[obj["point_2d"][1], obj["point_2d"][0]]
+            assert (union | mask).sum() == union.sum()
+        solution = s.solution(112, "multi_object")
+        assert len(json.loads(solution)) == len(s.objects)
+        terms = rule_rewards("multi_object", s.reference_answer(112, "multi_object"), solution)
+        assert terms == {"think_format": 1.0, "answer_format": 2.0, "accuracy": 3.0, "non_repeat": 1.0}
+
+
+def test_multi_object_kinds_need_multi_object_rows():
+    with pytest.raises(ValueError, match="multi_object=True"):
+        synthetic_row(0, kinds=("all_colour",))

@@ -17,12 +17,16 @@ def test_evaluate_writes_table_json_and_overlays(tmp_path, synthetic_split, memo
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "evaluate.py", "--split", str(synthetic_split), "--checkpoint", str(policy),
-         "--out", str(out), "--limit", "4", "--overlays", "2", "--no-mlflow",
+         "--out", str(out), "--limit", "4", "--overlays", "2", "--no-mlflow", "--protocol", "segzero",
          f"train.output_dir={tmp_path}", "rollout.max_new_tokens=96"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gIoU" in proc.stdout and "lisa" in proc.stdout and "segzero" in proc.stdout
+    assert "gIoU" in proc.stdout and "lisa" in proc.stdout and "Seg-Zero's script" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
+    # Seg-Zero's script on the same answers: GrabCut has one mask and the images are at model size (no
+    # rounding), so it agrees with the default protocol (none is skipped: no ground truth is empty).
+    assert result["protocol"] == "segzero" and result["scored"] == 4 and result["skipped"] == 0
+    assert result["giou"] == pytest.approx(result["giou_segzero"])
     assert result["n"] == 4 and len(result["samples"]) == 4
     # The sample the policy memorised is answered and segmented well (other images may not parse).
     records = result["samples"]
@@ -77,18 +81,17 @@ def test_overlay_draws_an_inverted_box_instead_of_failing(tmp_path):
 
 
 def test_evaluation_scores_answers_with_the_training_reward(synthetic_split):
-    """eval reward = the rule terms + the mask term, as the reward pool scores a training answer."""
-    from config import Config
+    """eval reward = the rule terms + the mask term, weighted, as the reward pool scores a training answer."""
+    from config import load_config
     from data.dataset import ParquetSource
     from evaluation.run import evaluate_answers
-    from reward.segmenters import make_segmenter
+    from reward.worker import RewardWorker
 
     size = 112
     samples = [s for _, s in zip(range(2), ParquetSource(synthetic_split, shuffle=False).iter_epoch())]
     responses = [samples[0].reference_answer(size), "<think>no idea</think><answer>{'bbox': oops}</answer>"]
-    cfg = Config().reward
-    result = evaluate_answers(samples, responses, [10, 10], make_segmenter(cfg), "segzero", size,
-                              max_overlays=0, mask_reward_mode="continuous")
+    cfg = load_config().reward
+    result = evaluate_answers(samples, responses, [10, 10], RewardWorker(cfg, segment=True), size, max_overlays=0)
     records = result["samples"]
     # The reference answer earns every rule term; the malformed one only the think format.
     assert [result[f"reward_{t}"] for t in ("think_format", "answer_format", "bbox_iou", "bbox_l1", "point_l1")] \
@@ -96,5 +99,9 @@ def test_evaluation_scores_answers_with_the_training_reward(synthetic_split):
     assert result["reward_mask_iou"] == pytest.approx(records[0]["iou"] / 2) and records[0]["iou"] > 0.5
     terms = [v for k, v in result.items() if k.startswith("reward_")]
     assert result["reward"] == pytest.approx(sum(terms)) and len(terms) == 6
-    off = evaluate_answers(samples, responses, [10, 10], make_segmenter(cfg), "segzero", size, max_overlays=0)
-    assert "reward_mask_iou" not in off and off["reward"] == pytest.approx(result["reward"] - result["reward_mask_iou"])
+    # Weighted as in training (reward.weights); without the mask term the masks are still measured.
+    weighted = cfg.model_copy(update={"weights": {"bbox_iou": 3.0}, "mask_iou": "off"})
+    off = evaluate_answers(samples, responses, [10, 10], RewardWorker(weighted, segment=True), size, max_overlays=0)
+    assert "reward_mask_iou" not in off
+    assert off["reward"] == pytest.approx(result["reward"] - result["reward_mask_iou"] + 2 * result["reward_bbox_iou"])
+    assert off["giou_segzero"] == pytest.approx(result["giou_segzero"])

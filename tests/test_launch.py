@@ -1,10 +1,9 @@
 """End to end: `python launch.py` with every real engine (Ray, vLLM CPU, DeepSpeed, reward pool, MLflow),
-and a job killed after a checkpoint that resumes exactly where it stopped."""
-import os
+and a job killed right after a checkpoint that resumes exactly where it stopped. One-step off-policy,
+so the checkpoint also holds the round already generated for the next step."""
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -21,7 +20,7 @@ PER_STEP = ["reward/total", "reward/think_format", "reward/answer_format", "rewa
 STEPS = 4
 ARGS = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=4", "train.checkpoint_every=1",
         "data.synthetic_train_size=16", "data.synthetic_eval_size=2", "eval.num_samples=2",
-        "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24",
+        "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24", "rollout.off_policy=true",
         "tracking.system_metrics=false", "cluster.sync_parity_check=true"]
 
 
@@ -47,6 +46,7 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     for name in PER_STEP:
         assert sorted(metric(name)) == list(range(1, STEPS + 1)), name
     assert list(metric("weight_version").values()) == [2.0 + s for s in range(1, STEPS + 1)]  # 2 warm-start steps
+    assert list(metric("rollout/staleness").values()) == [0.0] + [1.0] * (STEPS - 1)  # one-step off-policy
     assert sorted(metric("eval/giou_segzero")) == [0, STEPS]
     # After every sync vLLM served the learner's weights: same logprobs on the probe (fp32: ~1e-6).
     assert max(metric("sync/parity_max_diff").values()) < 1e-3
@@ -64,24 +64,22 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr[-3000:]
 
-    # 2. The same job, killed (SIGKILL) once its step-2 checkpoint is complete, then resumed.
+    # 2. The same job, killed (SIGKILL, the whole process group) as soon as its step-2 checkpoint is
+    # complete, then resumed. The kill landed mid-run: the signal ended it, before any final policy.
     cut = tmp_path / "cut"
-    job = subprocess.Popen(launch(cut), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    latest = cut / "checkpoints" / "latest"
-    deadline = time.monotonic() + 900
-    while not (latest.exists() and latest.read_text() == "step_000002") and job.poll() is None:
-        assert time.monotonic() < deadline, "no step-2 checkpoint"
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    killed = subprocess.run([sys.executable, "-m", "tests.crash_after_checkpoint", "2", *launch(cut)[2:]], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (cut / "final_policy").exists()
+    assert (cut / "checkpoints" / "latest").read_text().endswith("/step_000002")
     proc = subprocess.run(launch(cut, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr
 
-    # Steps 3..n saw the same prompts and produced the same rewards and parameters as the uninterrupted run.
+    # Steps 3..n saw the same prompts and produced the same rewards and parameters as the uninterrupted run
+    # (step 3 trains the off-policy round generated before the kill, stored with the checkpoint).
     _, resumed = history(cut)
-    for name in ("batch/ids_crc", "reward/total", "loss", "kl", "weight_version"):  # kl: same reference
+    for name in ("batch/ids_crc", "reward/total", "loss", "kl", "weight_version", "rollout/staleness"):
         for step in range(3, STEPS + 1):
             assert resumed(name)[step] == pytest.approx(metric(name)[step], abs=1e-6), (name, step)
     a = load_file(full / "final_policy" / "model.safetensors")

@@ -11,7 +11,8 @@ ray = pytest.importorskip("ray")
 from ray.util.placement_group import get_current_placement_group, placement_group_table  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
-from cluster.start import PLACEMENT, actor_options, rollout_placement, stop_rollout_workers  # noqa: E402
+from cluster.placement import PLACEMENT, actor_options, rollout_placement  # noqa: E402
+from cluster.rollout import RolloutGroup  # noqa: E402
 from cluster.topology import format_topology, topology  # noqa: E402
 from config import load_config  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_tp_engines_each_get_a_strict_pack_group_and_removal_frees_it(local_ray)
 
     # The summary names each engine's group, bundle and GPUs.
     for probe, (_, pg) in zip(probes, placed):
-        PLACEMENT[probe] = (pg, 0)  # as start_rollout_workers records it
+        PLACEMENT[probe] = (pg, 0)  # as RolloutGroup records it
     rows = topology({"rollout": probes})
     assert [(r["group"], r["bundle"], r["bundles"], r["group_gpus"]) for r in rows] == \
         [(pg.id.hex(), 0, 2, 2) for pg in groups]
@@ -106,14 +107,17 @@ def test_tp_engines_each_get_a_strict_pack_group_and_removal_frees_it(local_ray)
     assert again["group"] == groups[0].id.hex()
     assert ray.available_resources().get(f"CPU_group_0_{groups[0].id.hex()}", 0) == 0
 
-    # Scale down: the actor dies and its group is gone, its GPUs free again; the other engine keeps its own.
-    stop_rollout_workers(probes[:1])
-    assert probes[0] not in PLACEMENT and placement_group_table(groups[0])["state"] == "REMOVED"
-    assert placement_group_table(groups[1])["state"] == "CREATED"
+    # Scale down (RolloutGroup.resize): the last actor dies and its group is gone, its GPUs free again;
+    # the other engine keeps its own.
+    rollouts = RolloutGroup(cfg, "unused", reward_pool=None, count=0)
+    rollouts.workers = list(probes)
+    rollouts.resize(1)
+    assert probes[1] not in PLACEMENT and placement_group_table(groups[1])["state"] == "REMOVED"
+    assert placement_group_table(groups[0])["state"] == "CREATED"
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(probes[0].where.remote(), timeout=30)
+        ray.get(probes[1].where.remote(), timeout=30)
     assert wait_for(lambda: ray.available_resources().get("GPU", 0) == GPUS - 2, "the removed group's GPUs")
-    stop_rollout_workers(probes[1:])
+    rollouts.resize(0)
     assert not any(p in PLACEMENT for p in probes)  # (the registry is process-wide: other tests add learners)
 
 

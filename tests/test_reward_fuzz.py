@@ -83,8 +83,10 @@ def check(rules, response, solution):
         assert isinstance(value, float) and math.isfinite(value) and lo <= value <= hi, (term, value, response)
         if term in BINARY or (term == "answer_format" and rules != "multi_object"):
             assert value in (0.0, 1.0)
-    if rules != "multi_object":  # format point <=> a prompt for the segmenter
-        assert out["answer_format"] == float(parse_answer(response, soft=rules == "segzero_soft") is not None)
+    if rules != "multi_object":  # a prompt for the segmenter => the format point (not conversely: Seg-Zero
+        # checks lengths only, the segmenter needs numbers)
+        if parse_answer(response, soft=rules == "segzero_soft") is not None:
+            assert out["answer_format"] == 1.0
     else:
         answer_prompts(rules, response)
 

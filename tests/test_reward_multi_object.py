@@ -76,10 +76,17 @@ def test_non_repeat():
 
 
 @pytest.mark.parametrize("objs", [[{"bbox_2d": [1, 2, 3], "point_2d": [1, 2]}], [{"bbox_2d": [1, 2, 3, "4"], "point_2d": [1, 2]}],
-                                  [{"bbox_2d": [1, 2, 3, 4]}], [{"bbox_2d": [True, 2, 3, 4], "point_2d": [1, 2]}]])
+                                  [{"bbox_2d": [1, 2, 3, 4]}]])
 def test_malformed_items_zero_accuracy(objs):
     assert accuracy_reward(wrap(objs + [A]), SOL) == 0.0
     assert answer_prompts("multi_object", wrap(objs + [A])) is None
+
+
+def test_booleans_count_as_numbers_as_in_numpy():
+    """VisionReasoner builds np.array of the values: True is 1 there; the segmenter refuses them."""
+    text = wrap([{"bbox_2d": [True, 2, 3, 4], "point_2d": [1, 2]}, A])
+    assert accuracy_reward(text, SOL) == 1.5  # A matches its object (3 points) / max(2, 2)
+    assert answer_prompts("multi_object", text) is None
 
 
 def test_non_finite_values():

@@ -93,12 +93,41 @@ def test_nested_braces_cut_at_first_closing_brace():
     assert segzero_rewards(wrap("{} " + answer()), SOL) == ALL
 
 
-@pytest.mark.parametrize("bad", ["1e400", "NaN", "Infinity", "-Infinity", "1" * 400, "true", '"10"'])
-def test_non_finite_or_non_numbers_score_zero(bad):
+FORMAT_ONLY = {**dict.fromkeys(ALL, 0.0), "think_format": 1.0, "answer_format": 1.0}
+
+
+@pytest.mark.parametrize("bad, expected, prompt", [
+    # Seg-Zero checks lists and lengths only, then computes with whatever the values are (to the letter):
+    ('"10"', FORMAT_ONLY, True),                          # a string among numbers raises in every term
+    ('"ten"', FORMAT_ONLY, False),
+    ("NaN", FORMAT_ONLY, False),                          # NaN compares False everywhere
+    ("true", FORMAT_ONLY, False),                         # True is the int 1: a box 210 px too short
+    # a valid int of 400 digits, and inf: IoU ~0, L1 huge, but both points lie inside the (tall) box
+    ("1" * 400, {**FORMAT_ONLY, "point_l1": 1.0}, False),
+    ("1e400", {**FORMAT_ONLY, "point_l1": 1.0}, False),
+])
+def test_values_are_used_as_they_come(bad, expected, prompt):
     text = wrap('{"bbox": [10, 100, 200, %s], "points_1": [30, 110], "points_2": [35, 180]}' % bad)
-    r = segzero_rewards(text, SOL)
-    assert r == {**dict.fromkeys(ALL, 0.0), "think_format": 1.0}
-    assert parse_answer(text) is None
+    assert segzero_rewards(text, SOL) == expected
+    assert (parse_answer(text) is not None) == prompt  # the segmenter takes finite numbers (or numeric strings)
+
+
+def test_points_written_as_strings_are_truncated_like_seg_zero():
+    """Seg-Zero int()s the point values: ["30", "110"] is the point (30, 110); only the points are
+    converted, so the same strings in the box score 0 on the box terms."""
+    text = wrap('{"bbox": [10, 100, 200, 210], "points_1": ["30", "110"], "points_2": ["35", "180"]}')
+    assert segzero_rewards(text, SOL) == ALL
+    assert parse_answer(text) == {"bbox": [10.0, 100.0, 200.0, 210.0], "points": [[30.0, 110.0], [35.0, 180.0]]}
+    assert segzero_rewards(wrap('{"bbox": [10, 100, 200, 210], "points_1": ["30.5", "110"], "points_2": [35, 180]}'),
+                           SOL) == {**ALL, "point_l1": 0.0}  # int("30.5") raises
+    strings_in_box = wrap('{"bbox": ["10", "100", "200", "210"], "points_1": [30, 110], "points_2": [35, 180]}')
+    assert segzero_rewards(strings_in_box, SOL) == FORMAT_ONLY
+    # a point of three values: the format fails (length), the point term reads the first two
+    assert segzero_rewards(wrap(answer(p1=(30, 110, 1))), SOL) == {**ALL, "answer_format": 0.0}
+    # a 2-character string is a "list of 2" for the soft format and a point of two digits for the point term
+    soft = wrap('{"bbox": [10, 100, 200, 210], "points_1": "31", "points_2": [35, 180]}')
+    assert segzero_rewards(soft, SOL, soft=True)["answer_format"] == 1.0
+    assert segzero_rewards(soft, SOL)["answer_format"] == 0.0
 
 
 def test_huge_digit_strings_do_not_raise():
@@ -115,10 +144,13 @@ def test_negative_and_float_coordinates_are_computed():
 
 
 def test_strict_and_soft_keys():
-    soft_keys = wrap(json.dumps({"BBox_2d": [10, 100, 200, 210], "point_a": [30, 110], "Point_b": [35, 180]}))
+    soft_keys = wrap(json.dumps({"BBox_2d": [10, 100, 200, 210], "points_a": [30, 110], "Points_b": [35, 180]}))
     assert segzero_rewards(soft_keys, SOL) == {**dict.fromkeys(ALL, 0.0), "think_format": 1.0}
     assert segzero_rewards(soft_keys, SOL, soft=True) == ALL
     assert parse_answer(soft_keys) is None and parse_answer(soft_keys, soft=True) is not None
+    # Seg-Zero's soft format counts keys containing "point", its point term keys containing "points"
+    singular = wrap(json.dumps({"bbox": [10, 100, 200, 210], "point_a": [30, 110], "point_b": [35, 180]}))
+    assert segzero_rewards(singular, SOL, soft=True) == {**ALL, "point_l1": 0.0}
     one_point = wrap(json.dumps({"bbox": [10, 100, 200, 210], "point": [30, 110]}))
     assert segzero_rewards(one_point, SOL, soft=True) == {**ALL, "answer_format": 0.0, "point_l1": 0.0}
 
@@ -126,8 +158,6 @@ def test_strict_and_soft_keys():
 def test_box_terms_independent_of_points():
     no_points = wrap(json.dumps({"bbox": [10, 100, 200, 210]}))
     assert segzero_rewards(no_points, SOL) == {**ALL, "answer_format": 0.0, "point_l1": 0.0}
-    three_numbers = wrap(answer(p1=(30, 110, 1)))
-    assert segzero_rewards(three_numbers, SOL) == {**ALL, "answer_format": 0.0, "point_l1": 0.0}
 
 
 @pytest.mark.parametrize("solution", ["", "<box>(10,100),(200)</box>", "<box>(-1,0),(5,5)</box>", None, 17])

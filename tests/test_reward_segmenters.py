@@ -82,6 +82,16 @@ def test_sam2_random_weights_one_batched_decode_and_cache_hit():
     assert one.shape == (1, 120, 160)
     np.testing.assert_array_equal(one[0], masks[0])  # same prompt, same embedding, same mask
 
+    # Seg-Zero's evaluation: three candidates per prompt, the one with the highest predicted IoU
+    best = seg.predict(boxes[:2], points[:2], best_of_three=True)
+    import torch
+    with torch.inference_mode():
+        three, scores, _ = seg.predictor.predict(point_coords=points[:2], point_labels=np.ones((2, 2), np.int32),
+                                                 box=boxes[:2], multimask_output=True)
+    assert three.shape[:2] == (2, 3) and best.shape == (2, 120, 160)
+    for k in range(2):
+        np.testing.assert_array_equal(best[k], three[k, scores[k].argmax()] > 0)
+
     other, _ = scene(64, 96, seed=1)
     assert seg.set_image("other", other) is False
     assert seg.set_image("img", image) is True  # restored from the cache: no encoder call

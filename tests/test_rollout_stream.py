@@ -1,4 +1,4 @@
-"""cluster.rollout.RolloutRound: streamed scoring (a group goes to the reward pool as soon as its chunk
+"""cluster.rollout.RolloutGroup.round: streamed scoring (a group goes to the reward pool as soon as its chunk
 is generated) vs the plain synchronous loop (stream=False: nothing is scored before all chunks are in).
 
 The rollout actors are stand-ins with RolloutWorker's generate() signature whose second chunk waits
@@ -12,8 +12,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from cluster.rollout import RolloutRound  # noqa: E402
+from cluster.rollout import RolloutGroup  # noqa: E402
+from config import load_config  # noqa: E402
 from data.dataset import ParquetSource  # noqa: E402
+from rollout.group import make_groups  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,12 +47,14 @@ class Generator:
     def generate(self, prompts, n, seed=None):
         if self.gate is not None:
             ray.get(self.gate.wait.remote())
-        return [{"sample_id": p["sample_id"], "weight_version": 0,
+        return [{"sample_id": p["sample_id"], "weight_version": 0, "prompt": "chat text",
                  "responses": [{"text": f"answer {k}", "token_ids": [1], "logprobs": [0.0]} for k in range(n)]}
                 for p in prompts]
 
 
 class RecordingPool:
+    workers = ["one"]
+
     def __init__(self):
         self.submitted = []
 
@@ -58,28 +62,32 @@ class RecordingPool:
         self.submitted.append(key)
 
     def collect(self, keys):
-        return {k: [{"total": 0.0}] * 4 for k in keys}
+        return {k: [{"total": float(i)} for i in range(4)] for k in keys}
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_groups_scored_while_generating_only_when_streaming(stream, synthetic_split):
-    samples = ParquetSource(synthetic_split, shuffle=False).next_batch(4)
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=4", f"rollout.stream_rewards={stream}"])
+    groups, _ = make_groups(ParquetSource(synthetic_split, shuffle=False).next_batch(4), 1, set())
     gate = Gate.remote()
     pool = RecordingPool()
-    round_ = RolloutRound([Generator.remote(), Generator.remote(gate)], pool, samples, group_size=4,
-                          model_size=112, chunk_size=2, timeout_s=60, stream=stream).start()
+    rollouts = RolloutGroup(cfg, "unused", pool, count=0)
+    rollouts.workers = [Generator.remote(), Generator.remote(gate)]
+    round_ = rollouts.round(groups, seed=None, weight_version=0)
+    assert len(round_.chunks) == 4  # prompts_per_step // (2 * workers) = 1 prompt per chunk, round robin
 
-    for _ in range(120):  # the first chunk comes in; the second waits at the gate
-        if len(round_.rollouts) == 2:
+    uids = [g.uid for g in groups]
+    first_worker = uids[0::2]  # chunks 0 and 2 went to the ungated worker
+    for _ in range(120):  # its chunks come in; the other worker's wait at the gate
+        if sum(bool(g.answers) for g in groups) == 2:
             break
         assert not round_.pump(timeout_s=1.0)
-    assert sorted(round_.rollouts) == sorted(s.id for s in samples[:2])
-    first_chunk = [s.id for s in samples[:2]]
-    assert pool.submitted == (first_chunk if stream else [])
+    assert sorted(g.uid for g in groups if g.answers) == sorted(first_worker)
+    assert pool.submitted == (first_worker if stream else [])
 
     gate.open.remote()
-    rollouts, rewards, timings = round_.finish()
-    assert sorted(pool.submitted) == sorted(s.id for s in samples)  # every group scored exactly once
-    assert [r["sample_id"] for r in rollouts] == [s.id for s in samples]
-    assert set(rewards) == {s.id for s in samples}
+    finished, timings = round_.finish()
+    assert finished is groups
+    assert sorted(pool.submitted) == sorted(uids)  # every group scored exactly once
+    assert all(g.totals == [0.0, 1.0, 2.0, 3.0] and len(g.answers) == 4 and g.prompt == "chat text" for g in groups)
     assert timings["time/generate"] > 0

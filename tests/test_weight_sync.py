@@ -1,23 +1,28 @@
-"""cluster.weight_sync.broadcast_weights on a real local Ray with a real Learner actor (tiny policy,
-started by cluster.start.start_learners as a job does).
+"""Weight sync on a real local Ray with real Learner actors (tiny policy, two ZeRO-3 ranks, started by
+cluster.learners.LearnerGroup as a job does): LearnerGroup.weight_bucket_refs + weight_sync.push_weights,
+and RolloutGroup.sync_from / resync.
 
 The receivers are recording actors with RolloutWorker's weight interface (load_weights(bucket) ->
 bytes, commit_weights(version) -> version): they show exactly which tensors arrive in which bucket,
 and they can hang or misreport on purpose. The real vLLM receiving side is tested in test_rollout.py,
-the whole loop with real rollout workers in test_launch.py.
+the whole loop with real rollout workers in test_launch.py and test_modes.py.
 """
+import asyncio
 import threading
 import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
-from cluster.start import start_learners  # noqa: E402
-from cluster.weight_sync import broadcast_weights  # noqa: E402
+from cluster.learners import LearnerGroup  # noqa: E402
+from cluster.rollout import RolloutGroup  # noqa: E402
+from cluster.weight_sync import push_weights, sync_timeout  # noqa: E402
 from config import REPO, Config  # noqa: E402
+from policy.prompt import chat_prompt  # noqa: E402
 from policy.tiny import build_tiny_policy  # noqa: E402
 
 
@@ -40,17 +45,19 @@ def actors(policy_dir):
     cfg = Config()
     cfg.learner.kl_coef = 0.0  # no reference model: only the policy's weights matter here
     # Two ZeRO-3 ranks, every tensor partitioned: each bucket is gathered by both ranks (collective),
-    # rank 0 streams it, and broadcast_weights drains rank 1's empty stream.
+    # rank 0 streams it, and weight_bucket_refs drains rank 1's empty stream.
     cfg.cluster.learner_ranks = 2
     cfg.learner.zero_stage = 3
     cfg.learner.zero3_param_persistence_threshold = 0
-    learners = start_learners(cfg, str(policy_dir))
+    cfg.cluster.sync_bucket_mb = 1
+    learners = LearnerGroup(cfg, str(policy_dir))
     # One hung receiver per test that hangs one: a hung actor stays hung until it is killed.
     receivers = {name: Receiver.remote(mode) for name, mode in
                  [("a", "ok"), ("b", "ok"), ("hung", "hang"), ("hung2", "hang"), ("wrong", "wrong_version")]}
-    ray.get([a.__ray_ready__.remote() for a in [*learners, *receivers.values()]], timeout=600)
+    ray.get([a.__ray_ready__.remote() for a in [*learners.ranks, *receivers.values()]], timeout=600)
     yield learners, receivers
-    for actor in [*learners, *receivers.values()]:
+    learners.shutdown()
+    for actor in receivers.values():
         ray.kill(actor)
 
 
@@ -115,14 +122,30 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 # The tiny policy's largest tensors (embedding, lm_head) are 1344 x 128 fp32 = 688 KiB.
+def rollout_group(learners, workers, sync_timeout_s=300.0):
+    """A RolloutGroup whose workers are the given receivers (no vLLM engine)."""
+    cfg = learners.cfg.model_copy(deep=True)
+    cfg.cluster.sync_timeout_s = sync_timeout_s
+    group = RolloutGroup(cfg, "unused", reward_pool=None, count=0)
+    group.workers = list(workers)
+    return group
+
+
+def sync(learners, workers, version, bucket_bytes):
+    deadline, err = time.monotonic() + 300, sync_timeout(version, 300)
+    n_bytes, dead = push_weights(workers, learners.weight_bucket_refs(bucket_bytes, deadline, err), version, deadline, err)
+    assert dead == []
+    return n_bytes
+
+
 @pytest.mark.parametrize("bucket_bytes", [1, 100_000, 1 << 20, 1 << 40])
 def test_every_parameter_arrives_once_in_order(learners, receivers, checkpoint, bucket_bytes):
     order, tensors = checkpoint
     receivers = [receivers["a"], receivers["b"]]
-    stats = broadcast_weights(learners, receivers, version=7, bucket_bytes=bucket_bytes, timeout_s=300)
+    loaded = sync(learners, receivers, version=7, bucket_bytes=bucket_bytes)
 
     total = sum(nbytes(t) for t in tensors.values())
-    assert stats["sync/bytes"] == total and stats["sync/gbps"] > 0
+    assert loaded == total
     first, second = ray.get([r.received.remote() for r in receivers])
     assert [[n for n, _ in b] for b in first] == [[n for n, _ in b] for b in second]  # same buckets, same order
     for buckets in (first, second):
@@ -147,18 +170,58 @@ def test_hung_receiver_raises_timeout_error(learners, receivers):
     timeout_s = 5.0
     start = time.monotonic()
     with pytest.raises(TimeoutError):
-        broadcast_weights(learners, [ok, hung], version=1, bucket_bytes=1 << 20, timeout_s=timeout_s)
+        rollout_group(learners, [ok, hung], timeout_s).sync_from(learners, version=1)
     elapsed = time.monotonic() - start
     assert elapsed < timeout_s + 60, f"raised after {elapsed:.0f} s"
 
 
 def test_timeout_error_names_the_setting(learners, receivers):
     with pytest.raises(TimeoutError, match=r"cluster\.sync_timeout_s"):
-        broadcast_weights(learners, [receivers["hung2"]], version=1, bucket_bytes=1 << 20, timeout_s=3.0)
+        rollout_group(learners, [receivers["hung2"]], 3.0).sync_from(learners, version=1)
 
 
 def test_wrong_version_raises_runtime_error(learners, receivers):
     ok, wrong = receivers["a"], receivers["wrong"]
     with pytest.raises(RuntimeError, match=r"rollout workers \[1\] report versions \[2\], expected 3"):
-        broadcast_weights(learners, [ok, wrong], version=3, bucket_bytes=1 << 20, timeout_s=300)
+        rollout_group(learners, [ok, wrong]).sync_from(learners, version=3)
     assert ray.get(ok.received.remote())  # the weights did arrive; only the version check failed
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    def __init__(self):
+        self.event = asyncio.Event()
+
+    async def wait(self):
+        await self.event.wait()
+
+    async def open(self):
+        self.event.set()
+
+
+def test_resync_serves_the_synced_version_without_the_busy_learner(learners, receivers):
+    """One-step off-policy: a rollout worker restarted while the learner trains step t+1 must get the
+    weights of version t, now, not step t+1's weights (labelled t) after the learner's step."""
+    a, b = receivers["a"], receivers["b"]
+    group = rollout_group(learners, [a])
+    metrics = group.sync_from(learners, version=5)
+    assert metrics["sync/bytes"] > 0 and group.versions == {0, 5}
+    synced = [(n, t) for bucket in ray.get(a.received.remote()) for n, t in bucket]
+
+    # The learner moves on (an update), then is kept busy until the test releases it.
+    image = Image.new("RGB", (112, 112))
+    learners.sft_step([{"prompt": chat_prompt("the red circle"), "image": image, "response_ids": [5, 6, 7]}] * 2)
+    gate = Gate.remote()
+    busy = [r.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate) for r in learners.ranks]
+    group.resync(b)  # returns while every learner rank is busy: it never waits behind the learner
+    assert ray.wait(busy, timeout=0)[0] == []
+    received = [(n, t) for bucket in ray.get(b.received.remote()) for n, t in bucket]
+    assert [n for n, _ in received] == [n for n, _ in synced]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(received, synced))
+    gate.open.remote()
+    ray.get(busy, timeout=60)
+    group.workers = [receivers["a"]]
+    ray.get(a.reset.remote())
+    group.sync_from(learners, version=6)
+    moved = [t for bucket in ray.get(a.received.remote()) for _, t in bucket]
+    assert any(not torch.equal(x, y) for x, (_, y) in zip(moved, synced))  # the update did change the weights

@@ -1,0 +1,200 @@
+"""A training job on Ray: its set-up, the state its loop carries, checkpoints, operators' requests,
+tear-down. launch.py holds the algorithm; this holds everything around it.
+
+    job = Job.start(cfg, resume=None)   # data, policy, Ray, actors (learners, rollouts, reward pool)
+    ...                                 # job.learners, job.rollouts, job.version, job.pending...
+    job.save_checkpoint(run_id)
+    job.shutdown()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from cluster import checkpoint
+from cluster.controller import NAMESPACE, start_controller
+from cluster.learners import LearnerGroup
+from cluster.reward_pool import RewardPool
+from cluster.rollout import CompletedRound, RolloutGroup, RolloutRound
+from cluster.topology import format_topology, topology
+from config import REPO, Config
+from data.dataset import ParquetSource, Sample
+from data.prepare import held_out_samples, prepare_data
+from policy.prepare import prepare_policy, reference_tokenizer
+from policy.prompt import chat_prompt
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: Config) -> str:
+    """Join the Ray cluster the job runs on, else start a local one sized for the configured actors.
+
+    Inside ``ray job submit`` RAY_ADDRESS is set and we join that cluster; ``cluster.address`` forces an
+    address. Otherwise a local Ray starts with logical CPUs for twice the configured actors (room to
+    scale; actors time-share the physical cores, their torch thread counts are set per actor).
+    """
+    if ray.is_initialized():
+        return "existing"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True, namespace=NAMESPACE)
+        return address
+    c = cfg.cluster
+    need = (c.rollout_workers * c.rollout.num_cpus + c.reward_workers * c.reward.num_cpus
+            + c.learner_ranks * c.learner.num_cpus)
+    # Logical CPUs for twice the configured actors, so `cluster.scale` can grow the pools on this machine.
+    ray.init(address="local", num_cpus=max(2 * int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+             runtime_env=runtime_env(), log_to_driver=True, namespace=NAMESPACE)
+    return "local"
+
+
+def runtime_env() -> dict:
+    """What every actor of the job needs in its environment (the repo on its path, quiet vLLM)."""
+    return {"env_vars": {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "TOKENIZERS_PARALLELISM": "false",
+        # vLLM's per-request INFO lines drown the progress bar; VLLM_LOGGING_LEVEL=INFO brings them back.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+
+
+def parity_probe(sample: Sample, policy_path: str, cfg: Config) -> dict:
+    """The fixed sequence of the post-sync parity check: a held-out prompt and its reference answer."""
+    size, rules = cfg.model.image_size, cfg.reward.rules
+    return {"problem": sample.problem, "prompt": chat_prompt(sample.problem, rules), "image": sample.model_image(size),
+            "response_ids": reference_tokenizer(policy_path)(sample.reference_answer(size, rules))}
+
+
+@dataclass
+class Job:
+    cfg: Config
+    out: Path
+    policy_path: str
+    data: ParquetSource
+    eval_samples: list[Sample]
+    learners: LearnerGroup
+    rollouts: RolloutGroup
+    reward_pool: RewardPool
+    controller: object
+    where: str
+    step: int = 0        # the last GRPO step trained
+    sft_done: int = 0    # warm-start steps trained
+    version: int = 0     # the learner's weight version: one per optimizer step (warm start and GRPO)
+    run_id: str | None = None
+    pending: RolloutRound | CompletedRound | None = None  # one-step off-policy: the next step's round
+    places: list = field(default_factory=list)  # topology rows, for cluster.status
+
+    @property
+    def warm_start_dir(self) -> Path:
+        return self.out / "warm_start_policy"
+
+    @classmethod
+    def start(cls, cfg: Config, resume: str | None = None) -> "Job":
+        """Data, policy, Ray and every actor; with ``resume`` ("" = the latest), the checkpoint restored."""
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint.resolve(resume or None, out) if resume is not None else None  # fail before start-up
+        log.info("outputs: %s", out.resolve())
+        if "runtime_resources" in str(out.resolve()):
+            log.warning("train.output_dir is inside the Ray job's temporary working dir; set train.output_dir="
+                        "/an/absolute/path (and tracking.mlflow_uri) to keep checkpoints and the MLflow store")
+        policy_path = prepare_policy(cfg)
+        train_path, eval_path = prepare_data(cfg)
+        eval_samples = held_out_samples(eval_path, cfg.eval.num_samples)
+
+        where = connect(cfg)
+        log.info("ray: %s, resources %s", where, ray.cluster_resources())
+        controller = start_controller(cfg.cluster.job_name)
+        learners = LearnerGroup(cfg, policy_path)
+        reward_pool = RewardPool(cfg.reward, cfg.cluster.reward_workers, cfg.cluster.reward.model_dump(),
+                                 cfg.cluster.call_timeout_s, startup_timeout_s=cfg.cluster.startup_timeout_s)
+        probe = parity_probe(eval_samples[0], policy_path, cfg) if cfg.cluster.sync_parity_check else None
+        rollouts = RolloutGroup(cfg, policy_path, reward_pool, cfg.cluster.rollout_workers, probe)
+        t0 = time.perf_counter()
+        learners.ready()
+        rollouts.ready()
+        job = cls(cfg, out, policy_path, ParquetSource(train_path, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+                  eval_samples, learners, rollouts, reward_pool, controller, where)
+        job.refresh_topology()
+        log.info("actors ready in %.1f s; topology:\n%s", time.perf_counter() - t0, format_topology(job.places))
+        if cfg.reward.mask_iou != "off" and cfg.reward.segmenter == "grabcut":
+            log.info("mask reward: OpenCV GrabCut (weight-free stand-in for SAM2; set reward.segmenter=sam2 "
+                     "reward.sam2_checkpoint=PATH for production masks)")
+        if ckpt is not None:
+            job.restore(ckpt)
+        return job
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Learner and driver state now; a pending off-policy round is finished and stored with it, so a
+        resumed job trains the next step on exactly those answers."""
+        pending = self.pending.finish() if self.pending is not None else None
+        state = {"step": self.step, "sft_done": self.sft_done, "weight_version": self.version,
+                 "data": self.data.state_dict(), "mlflow_run_id": self.run_id, "pending": pending,
+                 "versions": sorted(self.rollouts.versions)}
+        path = checkpoint.save(self.out, self.run_id, self.step, self.learners.save_checkpoint, state,
+                               self.cfg.train.keep_checkpoints)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def restore(self, ckpt: Path) -> None:
+        """Learner state from DeepSpeed; driver state (data position, step, RNG, MLflow run, pending round)."""
+        self.learners.load_checkpoint(ckpt)
+        state = checkpoint.load_driver_state(ckpt)
+        self.data.load_state_dict(state["data"])
+        self.step, self.sft_done, self.run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
+        self.version = state["weight_version"]
+        self.rollouts.versions.update(state.get("versions", ()))
+        if state.get("pending") is not None:
+            self.pending = CompletedRound(*state["pending"])
+        self.rollouts.sync_from(self.learners, self.version)
+        log.info("resumed from %s: step %d, warm-start steps %d, MLflow run %s", ckpt, self.step, self.sft_done,
+                 self.run_id)
+        if self.sft_done >= self.cfg.train.sft_steps > 0:  # past the warm start: its policy is the KL reference
+            if self.warm_start_dir.exists():
+                self.learners.set_reference(self.warm_start_dir)
+            else:
+                log.warning("%s is missing: the KL reference is the initial policy", self.warm_start_dir)
+
+    # -- operating --------------------------------------------------------------------------------
+    def apply_scaling(self, step: int) -> None:
+        """Operators' requests due by ``step`` (python -m cluster.scale); only while no round is in flight."""
+        requested = ray.get(self.controller.take_requests.remote(step), timeout=self.cfg.cluster.call_timeout_s)
+        if not requested:
+            return
+        pool, rollouts = self.reward_pool, self.rollouts
+        if requested.get("reward_workers", len(pool.workers)) != len(pool.workers):
+            log.info("scaling reward workers %d -> %d", len(pool.workers), requested["reward_workers"])
+            pool.resize(requested["reward_workers"])
+        if requested.get("rollout_workers", len(rollouts.workers)) != len(rollouts.workers):
+            log.info("scaling rollout workers %d -> %d", len(rollouts.workers), requested["rollout_workers"])
+            rollouts.resize(requested["rollout_workers"])
+        self.refresh_topology()
+
+    def refresh_topology(self) -> None:
+        self.places = topology({"learner": self.learners.ranks, "rollout": self.rollouts.workers,
+                                "reward": [w.actor for w in self.reward_pool.workers]})
+
+    def publish(self, step: int, timings: dict) -> None:
+        """The job's state for ``python -m cluster.status``."""
+        pool = self.reward_pool.stats()
+        self.controller.publish.remote({
+            "step": step, "steps": self.cfg.train.steps, "phase": "grpo", "weight_version": self.version,
+            "topology": self.places, "rollout_versions": self.rollouts.weight_versions(),
+            "reward_inflight": [w["inflight"] for w in pool["workers"]],
+            "last_step": {k: v for k, v in timings.items() if k.startswith("time/")}})
+
+    def shutdown(self) -> None:
+        """Every actor of the job killed, its placement groups removed; a local Ray stopped."""
+        for stop in (self.rollouts.shutdown, self.reward_pool.shutdown, self.learners.shutdown):
+            try:
+                stop()
+            except Exception as exc:  # tearing down must not hide the error that ended the job
+                log.warning("shutdown: %s", exc)
+        ray.kill(self.controller)
+        if self.where == "local":
+            ray.shutdown()

@@ -1,0 +1,128 @@
+"""LearnerGroup: the learner ranks (Ray actors of ``learner.Learner``) behind plain methods.
+
+    learners = LearnerGroup(cfg, policy_path)           # R ranks in one placement group (PACK)
+    metrics = learners.train_step(batch)                # sharded over ranks, whole-batch token count
+    refs = learners.weight_bucket_refs(bucket_bytes, deadline)   # rank 0's buckets in Ray's object store
+
+Every Learner method is collective, so each call here goes to every rank at once (each with its shard)
+and waits for all of them with the job's call timeout; every rank returns the same whole-batch
+metrics. The batch is split by stride (sequence i to rank i mod R); the learner normalises every
+micro-batch loss by the WHOLE batch's token and sequence counts, passed to every rank.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import PLACEMENT, actor_options, address_and_port
+from config import Config
+from rollout.group import InvariantError
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, policy_path: str):
+        """Starts one actor per rank in a placement group (bundle r = rank r); rank 0's node hosts the
+        torch.distributed rendezvous. Returns at once: ``ready()`` waits for the constructors."""
+        from learner.learner import Learner
+
+        self.cfg = cfg
+        self.timeout_s = cfg.cluster.call_timeout_s
+        res, world = cfg.cluster.learner, cfg.cluster.learner_ranks
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+        self.placement_group = placement_group([bundle] * world, strategy="PACK")
+        ray.get(self.placement_group.ready(), timeout=cfg.cluster.startup_timeout_s)
+        in_bundle = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)  # noqa: E731
+        addr, port = ray.get(address_and_port.options(scheduling_strategy=in_bundle(0)).remote())
+        remote_learner = ray.remote(Learner)
+        self.ranks = [remote_learner.options(**actor_options(res, scheduling_strategy=in_bundle(r)))
+                      .remote(cfg, policy_path, rank=r, world_size=world, master_addr=addr, master_port=port)
+                      for r in range(world)]
+        PLACEMENT.update({actor: (self.placement_group, r) for r, actor in enumerate(self.ranks)})
+
+    def ready(self) -> None:
+        ray.get([r.__ray_ready__.remote() for r in self.ranks], timeout=self.cfg.cluster.startup_timeout_s)
+
+    # -- collective calls -----------------------------------------------------------------------
+    def _all(self, method: str, *args, shards: list | None = None) -> list:
+        refs = [getattr(rank, method).remote(*((shards[r],) if shards else ()), *args)
+                for r, rank in enumerate(self.ranks)]
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def _shards(self, batch: list[dict]) -> list[list[dict]]:
+        return [batch[r::len(self.ranks)] for r in range(len(self.ranks))]
+
+    def train_step(self, batch: list[dict], while_waiting: Callable[[], object] | None = None) -> dict:
+        """One GRPO update over the whole batch; ``while_waiting`` is called repeatedly until the ranks
+        are done (one-step off-policy: the next round's finished groups go to the reward pool)."""
+        num_tokens = sum(len(seq["response_ids"]) for seq in batch)
+        refs = [rank.train_step.remote(shard, num_tokens, len(batch))
+                for rank, shard in zip(self.ranks, self._shards(batch))]
+        deadline = time.monotonic() + self.timeout_s
+        while while_waiting is not None and time.monotonic() < deadline and \
+                ray.wait(refs, num_returns=len(refs), timeout=0.1)[1]:
+            while_waiting()
+        metrics = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))[0]
+        if round(metrics["trained_seqs"]) != len(batch):  # each sequence trained once, on one rank
+            raise InvariantError(f"the learner ranks trained {metrics['trained_seqs']:.0f} sequences; the batch "
+                                 f"holds {len(batch)}")
+        return metrics
+
+    def sft_step(self, batch: list[dict]) -> dict:
+        """One supervised warm-start update (response tokens of the reference answers)."""
+        return self._all("sft_step", sum(len(seq["response_ids"]) for seq in batch), shards=self._shards(batch))[0]
+
+    def logprobs(self, seqs: list[dict], temperature: float) -> list[list[float]]:
+        """Per-token logprobs of ``seqs`` under the current policy, computed on rank 0."""
+        shards = [seqs] + [[] for _ in self.ranks[1:]]
+        return self._all("logprobs", temperature, shards=shards)[0]
+
+    def set_lr(self, lr: float) -> None:
+        self._all("set_lr", lr)
+
+    def export_hf(self, out_dir) -> None:
+        self._all("export_hf", str(out_dir))
+
+    def set_reference(self, policy_dir) -> None:
+        self._all("set_reference", str(policy_dir))
+
+    def save_checkpoint(self, ckpt_dir) -> None:
+        self._all("save_checkpoint", str(ckpt_dir))
+
+    def load_checkpoint(self, ckpt_dir) -> None:
+        self._all("load_checkpoint", str(ckpt_dir))
+
+    def weight_bucket_refs(self, bucket_bytes: int, deadline: float, too_slow: Exception) -> list:
+        """Rank 0's weight buckets (lists of (HF name, tensor)) as object refs in Ray's object store,
+        in order. Collective: under ZeRO-3 every rank helps gather each bucket, so the other ranks'
+        (empty) streams are drained too. Raises ``too_slow`` when ``deadline`` passes."""
+        streams = [r.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for r in self.ranks]
+        refs = list(_stream(streams[0], deadline, too_slow))
+        for other in streams[1:]:
+            for ref in _stream(other, deadline, too_slow):
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        return refs
+
+    def shutdown(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+            PLACEMENT.pop(rank, None)
+        remove_placement_group(self.placement_group)
+
+
+def _stream(stream, deadline: float, too_slow: Exception):
+    """Object refs of a streaming actor generator, each waited for until ``deadline``."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise too_slow
+        ready, _ = ray.wait([stream], timeout=left)
+        if not ready:
+            continue
+        try:
+            yield next(stream)
+        except StopIteration:
+            return

@@ -1,0 +1,219 @@
+"""launch.grpo_step with fake actor groups: the algorithm's bookkeeping (which groups train, with whose
+advantages, from which round, at which weight version), without Ray or engines. The same step runs
+with real engines in tests/test_modes.py."""
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from config import load_config
+from data.dataset import Sample
+from launch import grpo_step
+from rollout.group import Answer, Group, InvariantError, check_batch, learner_batch, make_groups
+
+
+def sample(sid: str) -> Sample:
+    return Sample(id=sid, image=Image.new("RGB", (8, 8)), problem=f"the {sid}", mask_rle=None, bbox=[0, 0, 4, 4],
+                  points=[[1, 1], [2, 2]], height=8, width=8, source="test")
+
+
+class Data:
+    """next_batch(k): the next k ids of a fixed list, cycling (like an epoch boundary)."""
+
+    def __init__(self, ids):
+        self.ids, self.position = list(ids), 0
+
+    def next_batch(self, k):
+        out = [sample(self.ids[(self.position + i) % len(self.ids)]) for i in range(k)]
+        self.position += k
+        return out
+
+
+class Round:
+    """A finished round: answers and rewards made by ``answer(group)`` -> list of (tokens, total)."""
+
+    def __init__(self, groups, weight_version, answer, metrics):
+        self.groups, self.weight_version, self.answer, self.metrics = groups, weight_version, answer, metrics
+        self.finished = 0
+
+    def pump(self, timeout_s=0.0):
+        return True
+
+    def finish(self):
+        self.finished += 1
+        if self.finished == 1:
+            for g in self.groups:
+                made = self.answer(g)
+                g.prompt = "prompt"
+                g.answers = [Answer(tokens, [0.0] * len(tokens), "text", "stop", self.weight_version) for tokens, _ in made]
+                g.rewards = [{"think_format": 1.0, "total": total} for _, total in made]
+        return self.groups, {**self.metrics, "time/generate": 0.0, "time/reward_tail": 0.0, "rollout/redone_chunks": 0}
+
+
+class Rollouts:
+    def __init__(self, answer, reported_version=None):
+        self.answer, self.reported_version = answer, reported_version
+        self.versions, self.rounds, self.synced, self.workers = {0}, [], [], ["worker"]
+
+    def round(self, groups, seed, weight_version, metrics=None):
+        version = weight_version if self.reported_version is None else self.reported_version
+        self.rounds.append(Round(groups, version, self.answer, metrics or {}))
+        return self.rounds[-1]
+
+    def sync_from(self, learners, version):
+        self.versions.add(version)
+        self.synced.append(version)
+        return {"time/sync": 0.0}
+
+
+class Learners:
+    def __init__(self):
+        self.batches, self.pumped = [], 0
+
+    def train_step(self, batch, while_waiting=None):
+        if while_waiting is not None:
+            while_waiting()
+            self.pumped += 1
+        self.batches.append(batch)
+        return {"loss": 0.0, "tokens": sum(len(s["response_ids"]) for s in batch), "trained_seqs": len(batch)}
+
+
+def make_job(answer, ids="abcdefgh", *overrides, reported_version=None):
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=2", "train.steps=5", *overrides])
+    pool = SimpleNamespace(stats=lambda reset=False: {"num_workers": 1, "samples_per_s": 0.0, "workers": []})
+    return SimpleNamespace(cfg=cfg, data=Data(ids), rollouts=Rollouts(answer, reported_version), learners=Learners(),
+                           reward_pool=pool, version=0, pending=None, step=0, apply_scaling=lambda step: None)
+
+
+def distinct(group):
+    """Two answers whose rewards differ, and depend on the group's sample id (to trace whose they are)."""
+    base = float(ord(group.sample.id[0]))
+    return [([1, 2], base), ([3], base + 1.0)]
+
+
+def test_each_sequence_trains_once_with_its_own_groups_advantage():
+    job = make_job(distinct)
+    metrics = grpo_step(job, 1)
+    (batch,) = job.learners.batches
+    assert [(s["group"], s["answer"]) for s in batch] == [("1:a", 0), ("1:a", 1), ("1:b", 0), ("1:b", 1)]
+    assert [s["advantage"] for s in batch] == pytest.approx([-0.7071, 0.7071] * 2, abs=1e-3)
+    assert metrics["batch/sequences"] == 4 and metrics["batch/prompts"] == 2 and metrics["weight_version"] == 1
+    assert job.rollouts.synced == [1] and job.version == 1
+
+
+def test_a_group_without_answers_is_dropped_and_counted_never_misaligned():
+    """A prompt longer than rollout.max_model_len gets no answers: the other groups keep their own
+    advantages (the old driver zipped by position and shifted every later group by one)."""
+    def answer(group):
+        return [] if group.sample.id == "a" else [([1], 0.0), ([2], 1.0)] if group.sample.id == "b" else [([3], 5.0), ([4], 9.0)]
+
+    job = make_job(answer, "abc", "rollout.prompts_per_step=3")
+    metrics = grpo_step(job, 1)
+    (batch,) = job.learners.batches
+    assert [s["group"] for s in batch] == ["1:b", "1:b", "1:c", "1:c"]
+    assert [s["response_ids"] for s in batch] == [[1], [2], [3], [4]]
+    assert metrics["batch/dropped_groups/no_answers"] == 1 and metrics["batch/dropped_groups"] == 1
+    assert metrics["reward/total"] == pytest.approx((0 + 1 + 5 + 9) / 4)
+
+
+def test_repeated_sample_ids_are_renamed_and_each_keeps_its_rewards():
+    totals = iter([0.0, 1.0, 2.0, 4.0, 10.0, 20.0, 30.0, 70.0])
+
+    def answer(group):
+        return [([1], next(totals)), ([2], next(totals))]
+
+    job = make_job(answer, "aa", "rollout.prompts_per_step=4")  # a dataset smaller than a batch
+    metrics = grpo_step(job, 1)
+    (round_,) = job.rollouts.rounds
+    assert [g.uid for g in round_.groups] == ["1:a", "1:a#2", "1:a#3", "1:a#4"]
+    assert [g.totals for g in round_.groups] == [[0.0, 1.0], [2.0, 4.0], [10.0, 20.0], [30.0, 70.0]]
+    assert metrics["batch/renamed_ids"] == 3 and metrics["batch/sequences"] == 8
+
+
+def test_a_skipped_step_does_not_reuse_its_round_under_off_policy_and_dynamic_sampling():
+    """Every group of step 1 ties (no signal): the step is skipped after its refills, and step 2 draws
+    new prompts instead of finishing step 1's round again."""
+    def answer(group):
+        return [([1], 1.0), ([2], 1.0)] if group.sample.id in "abcd" else distinct(group)
+
+    job = make_job(answer, "abcdefgh", "rollout.off_policy=true", "rollout.dynamic_sampling=true",
+                   "rollout.max_refills=1")
+    skipped = grpo_step(job, 1)
+    assert skipped["batch/skipped"] == 1 and skipped["batch/refills"] == 1 and skipped["batch/dropped_groups/tied"] == 4
+    assert job.learners.batches == [] and job.version == 0 and job.pending is None
+    metrics = grpo_step(job, 2)
+    (batch,) = job.learners.batches
+    assert sorted({s["sample_id"] for s in batch}) == ["e", "f"]
+    assert all(r.finished <= 2 for r in job.rollouts.rounds)  # each round taken by one step only
+    assert metrics["batch/refills"] == 0 and metrics["batch/skipped"] == 0
+    assert job.pending is not None  # off-policy: step 3's round started
+    assert [g.sample.id for g in job.pending.groups] == ["g", "h"]
+
+
+def test_dynamic_sampling_refills_with_new_prompts_up_to_max_refills():
+    def answer(group):
+        return [([1], 0.0), ([2], 0.0)] if group.sample.id in "ab" else distinct(group)
+
+    job = make_job(answer, "abcdef", "rollout.dynamic_sampling=true", "rollout.max_refills=3")
+    metrics = grpo_step(job, 1)
+    (batch,) = job.learners.batches
+    assert sorted({s["sample_id"] for s in batch}) == ["c", "d"]
+    assert metrics["batch/refills"] == 1 and metrics["batch/dropped_groups/tied"] == 2
+
+
+def test_off_policy_trains_the_round_started_during_the_previous_update():
+    job = make_job(distinct, "abcdefgh", "rollout.off_policy=true")
+    grpo_step(job, 1)
+    next_round = job.pending
+    assert next_round.weight_version == 0 and job.learners.pumped == 1  # generated during step 1's update
+    metrics = grpo_step(job, 2)
+    assert [s["sample_id"] for s in job.learners.batches[1]][::2] == ["c", "d"]
+    assert metrics["rollout/staleness"] == 1 and metrics["weight_version"] == 2
+
+
+def test_answers_from_a_weight_version_never_pushed_stop_the_run():
+    job = make_job(distinct, reported_version=7)
+    with pytest.raises(InvariantError, match="weight version 7"):
+        grpo_step(job, 1)
+
+
+def test_answers_staler_than_the_mode_allows_stop_the_run():
+    job = make_job(distinct, reported_version=0)
+    job.version = 2
+    job.rollouts.versions |= {1, 2}
+    with pytest.raises(InvariantError, match="at most 0 behind"):
+        grpo_step(job, 1)
+
+
+def _groups():
+    groups, _ = make_groups([sample("a"), sample("b")], 3, set())
+    for g, totals in zip(groups, ([0.0, 1.0], [5.0, 2.0])):
+        g.answers = [Answer([i], [0.0], "t", "stop", 0) for i in range(2)]
+        g.rewards = [{"total": t} for t in totals]
+        g.advantages = g.compute_advantages("std")
+    return groups
+
+
+def test_check_batch_names_the_broken_invariant():
+    groups = _groups()
+    batch = learner_batch(groups, 8)
+    check_batch(groups, batch, {0}, 0, 0, "std")
+    swapped = [dict(s) for s in batch]
+    swapped[0]["advantage"], swapped[2]["advantage"] = swapped[2]["advantage"], swapped[0]["advantage"]
+    with pytest.raises(InvariantError, match="not that answer's"):
+        check_batch(groups, swapped, {0}, 0, 0, "std")
+    with pytest.raises(InvariantError, match="trained twice"):
+        check_batch(groups, batch + batch[:1], {0}, 0, 0, "std")
+    with pytest.raises(InvariantError, match="missing"):
+        check_batch(groups, batch[1:], {0}, 0, 0, "std")
+    groups[1].advantages = groups[0].advantages  # another group's advantages
+    with pytest.raises(InvariantError, match="are not its rewards'"):
+        check_batch(groups, learner_batch(groups, 8), {0}, 0, 0, "std")
+    with pytest.raises(InvariantError, match="appears twice"):
+        check_batch([groups[0], groups[0]], [], {0}, 0, 0, "std")
+
+
+def test_make_groups_renames_ids_taken_earlier_in_the_step():
+    groups, renamed = make_groups([sample("a"), sample("b"), sample("a")], 4, {"4:b"})
+    assert [g.uid for g in groups] == ["4:a", "4:b#2", "4:a#2"] and renamed == 2
+    assert [g.sample.id for g in groups] == ["a", "b", "a"]

@@ -1,0 +1,179 @@
+"""The mode matrix: short real jobs (every engine real: Ray, vLLM CPU, DeepSpeed, the reward pool,
+MLflow; tiny policy; a short warm start; 3 GRPO steps) over every advertised switch, in a pairwise
+design: every pair of values of every two switches runs together in at least one job
+(``test_design_covers_every_pair``), in 12 jobs instead of the full product's ~1.6 million.
+
+Each job checks the step's invariants itself (rollout.group.check_batch: whose advantage, trained
+once, which weight version; a violation fails the job), and each test asserts: every metric finite;
+each step either trained exactly G sequences per prompt, each once, or was skipped by dynamic sampling
+after its refills; the weight version counts the updates; reward terms that are not all zero after
+the warm start; on-policy, the learner's logprobs of the sampled tokens match vLLM's (``logprob_drift``);
+off-policy, staleness at most one version. ``--resume`` rows crash right after the step-2 checkpoint
+and resume from it. The jobs share one local Ray; each starts and stops its own actors.
+"""
+import itertools
+import math
+
+import mlflow
+import pytest
+
+from config import load_config
+
+pytestmark = pytest.mark.slow
+
+B, G, STEPS = 2, 4, 3
+# Switch -> its levels (overrides, or for "--resume" whether the job is crashed and resumed).
+LEVELS = {
+    "reward.mask_iou": ["continuous", "off", "threshold", "tiered"],
+    "learner.loss_agg": ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"],
+    "reward.rules": ["segzero", "segzero_soft", "multi_object"],
+    "learner.kl_kind": ["k3", "k1", "k2"],
+    "rollout.stream_rewards": ["true", "false"],
+    "rollout.off_policy": ["false", "true"],
+    "rollout.dynamic_sampling": ["false", "true"],
+    "learner.zero_stage": ["2", "3"],
+    "cluster.learner_ranks": ["1", "2"],
+    "cluster.rollout_workers": ["1", "2"],
+    "cluster.reward_workers": ["1", "2"],
+    "--resume": [False, True],
+    "rollout.temperature": ["1.0", "0.5"],
+    "learner.adv_scale": ["std", "none"],
+    "learner.entropy_coef": ["0.0", "0.001"],
+    "learner.freeze_vision": ["true", "false"],
+    "learner.gradient_checkpointing": ["false", "true"],
+    "learner.clip_ratio_c": ["null", "3.0"],
+}
+# One row per job: the level index of each switch above, in order (a pairwise covering array).
+DESIGN = [
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0],
+]
+# What every job shares: small. Each starts from a policy warm-started once per answer format (a real
+# launch.py job, 80 steps), and runs 2 warm-start steps of its own (export, KL reference, sync).
+COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8", "train.sft_lr=1e-5", "learner.warmup_steps=5",
+          "learner.lr=1e-4", "data.synthetic_train_size=128", "data.synthetic_eval_size=4", "eval.num_samples=4",
+          f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
+          "rollout.max_refills=2", "tracking.system_metrics=false", "tracking.log_model=false"]
+WARM_START = ["train.steps=1", "train.sft_steps=80", "train.sft_batch_size=8", "train.sft_lr=2e-3",
+              "learner.warmup_steps=5", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
+              f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
+              "eval.enabled=false", "tracking.system_metrics=false", "tracking.log_model=false"]
+
+
+def job_settings(row: list[int]) -> dict:
+    return {name: LEVELS[name][level] for name, level in zip(LEVELS, row)}
+
+
+def test_design_covers_every_pair():
+    assert all(len(row) == len(LEVELS) for row in DESIGN)
+    for (i, a), (j, b) in itertools.combinations(enumerate(LEVELS), 2):
+        seen = {(row[i], row[j]) for row in DESIGN}
+        assert len(seen) == len(LEVELS[a]) * len(LEVELS[b]), (a, b, sorted(seen))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from cluster.controller import NAMESPACE
+    from cluster.job import runtime_env
+
+    # Logical CPUs for the largest job: 2 learner ranks, 2 rollout and 2 reward workers (0.5 + 1 + 0.5 each).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE,
+             runtime_env=runtime_env())
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def warm_policies(local_ray, tmp_path_factory):
+    """The tiny policy warm-started on each answer format: Seg-Zero's object (segzero, segzero_soft)
+    and VisionReasoner's list (multi_object)."""
+    import launch
+
+    policies = {}
+    for name, rules in (("single", "segzero"), ("multi", "multi_object")):
+        out = tmp_path_factory.mktemp(f"warm_{name}")
+        launch.train(load_config(None, WARM_START + [f"reward.rules={rules}", f"train.output_dir={out}"]))
+        policies[rules] = str(out / "warm_start_policy")
+    policies["segzero_soft"] = policies["segzero"]
+    return policies
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("row", range(len(DESIGN)), ids=[f"job{i}" for i in range(len(DESIGN))])
+def test_mode(row, warm_policies, tmp_path, monkeypatch):
+    import launch
+    from cluster.job import Job
+
+    settings = job_settings(DESIGN[row])
+    resume = settings.pop("--resume")
+    overrides = COMMON + [f"{k}={v}" for k, v in settings.items()] + [
+        f"train.output_dir={tmp_path}", f"model.policy_path={warm_policies[settings['reward.rules']]}"]
+    cfg = load_config(None, overrides + (["train.checkpoint_every=1"] if resume else []))
+    if resume:  # a crash right after the step-2 checkpoint is complete, then --resume
+        save = Job.save_checkpoint
+
+        def save_then_crash(job):
+            path = save(job)
+            if job.step == 2:
+                raise Crash(path)
+            return path
+
+        monkeypatch.setattr(Job, "save_checkpoint", save_then_crash)
+        with pytest.raises(Crash):
+            launch.train(cfg)
+        monkeypatch.setattr(Job, "save_checkpoint", save)
+        launch.train(cfg, resume="")
+    else:
+        launch.train(cfg)
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("seg-grpo").experiment_id])
+
+    def history(name):
+        points = client.get_metric_history(run.info.run_id, name)
+        steps = [m.step for m in points]
+        assert len(steps) == len(set(steps)), f"{name} logged twice at one step (a step trained twice?)"
+        return {m.step: m.value for m in points}
+
+    every = {key: history(key) for key in run.data.metrics}
+    for name, values in every.items():
+        assert all(math.isfinite(v) for v in values.values()), (name, values)
+    skipped = every["batch/skipped"]
+    assert sorted(skipped) == list(range(1, STEPS + 1))  # every step ran once (resumed ones included)
+    trained = [s for s in skipped if not skipped[s]]
+    dynamic = settings["rollout.dynamic_sampling"] == "true"
+    for step in range(1, STEPS + 1):
+        if skipped[step]:  # only dynamic sampling skips, and only after all its refills
+            assert dynamic and every["batch/refills"][step] == cfg.rollout.max_refills
+            continue
+        prompts = every["batch/prompts"][step]
+        assert prompts == B or (dynamic and 1 <= prompts <= B)
+        assert every["batch/sequences"][step] == every["trained_seqs"][step] == G * prompts
+    if not dynamic:
+        assert trained == [1, 2, 3]
+    assert [every["weight_version"][s] for s in trained] == [cfg.train.sft_steps + i for i in range(1, len(trained) + 1)]
+    # After the warm start the greedy answers already earn format points (and a mask, where it is scored).
+    assert every["eval/reward_think_format"][0] > 0 and every["eval/reward_answer_format"][0] > 0
+    assert any(every["reward/answer_format"].get(s, 0) > 0 for s in trained) or not trained
+    if settings["rollout.off_policy"] == "false":  # the learner scores what vLLM sampled, same weights
+        assert all(every["logprob_drift"][s] < 1e-3 for s in trained), every["logprob_drift"]
+        assert all(every["rollout/staleness"][s] == 0 for s in trained)
+    else:
+        assert all(every["rollout/staleness"][s] <= 1 for s in trained)
+    assert every["pool/rollout_workers"][1] == cfg.cluster.rollout_workers
+    assert every["pool/reward_workers"][1] == cfg.cluster.reward_workers
