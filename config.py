@@ -180,6 +180,11 @@ class LearnerConfig(Section):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (Seg-Zero: 1e-6).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="GRPO learning rate over train.steps: constant, or a cosine decay to "
+        "learner.min_lr_ratio x learner.lr after the last step (the warm start keeps train.sft_lr).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="learner.lr_schedule=cosine: the last GRPO step's "
+                                "learning rate as a fraction of learner.lr.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: ratio >= 1 - clip_low.")
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above: ratio <= 1 + clip_high (clip-higher when > clip_low).")
@@ -219,6 +224,9 @@ class EvalConfig(Section):
     num_samples: int = Field(32, ge=1, description="Held-out samples per evaluation (the first N rows of the split).")
     overlays: int = Field(4, ge=0, description="Overlay pictures logged to MLflow per evaluation.")
     enabled: bool = Field(True, description="Run evaluations during training at all.")
+    keep_best: bool = Field(
+        True, description="Export the policy of the evaluation with the highest held-out gIoU (segzero convention; "
+        "the warm start's included) to train.output_dir/best_policy, with its step and score in best.json.")
 
 
 class ResourcesConfig(Section):

@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--split", required=True, help="Parquet file or directory of rows to evaluate")
-    p.add_argument("--checkpoint", default=None, help="HF directory of the policy (default: model.policy_path, "
-                   "else <train.output_dir>/final_policy, else the untrained tiny policy)")
+    p.add_argument("--checkpoint", default=None, help="HF directory of the policy (default: the run's "
+                   "<train.output_dir>/final_policy and best_policy, both; else model.policy_path, else the "
+                   "untrained tiny policy)")
     p.add_argument("--out", default=None, help="output directory (default: <train.output_dir>/eval)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--overlays", type=int, default=8, help="overlay pictures to write (first N samples)")
@@ -45,20 +46,27 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out or Path(cfg.train.output_dir) / "eval")
-    from policy.prepare import policy_to_evaluate
+    from policy.prepare import policies_to_evaluate
 
-    result = evaluate(cfg, args.split, policy_to_evaluate(cfg, args.checkpoint), out, args.limit, args.overlays,
-                      args.protocol)
-    print(format_table(result))
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'eval.json'} and {len(result['overlays'])} overlays in {out}")
+    policies = policies_to_evaluate(cfg, args.checkpoint)
+    results = evaluate(cfg, args.split, policies, out, args.limit, args.overlays, args.protocol)
+    for name, result in results.items():
+        print(f"\n{name} policy: {result['policy']}\n{format_table(result)}")
+    written = results if len(results) > 1 else next(iter(results.values()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(written, indent=2))
+    print(f"wrote {out / 'eval.json'} and overlays in {out}")
     if not args.no_mlflow:
-        log_to_mlflow(cfg, result, args.split)
+        for name, result in results.items():
+            log_to_mlflow(cfg, result, args.split, name)
     return 0
 
 
-def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = None, overlays: int = 8,
-             protocol: str = "default") -> dict:
+def evaluate(cfg, split: str, policies: dict[str, str], out: Path, limit: int | None = None, overlays: int = 8,
+             protocol: str = "default") -> dict[str, dict]:
+    """{name: result} for each policy (HF directory) on the split. One vLLM engine: the first policy is
+    loaded with it, the others' weights are pushed into it (an engine per process)."""
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     from data.dataset import ParquetSource
@@ -75,19 +83,27 @@ def evaluate(cfg, split: str, policy_path: str, out: Path, limit: int | None = N
         samples.append(sample)
     if source.skipped:
         log.warning("skipped rows: %s", dict(source.skipped))
-    worker = RolloutWorker(cfg, policy_path, seed=cfg.train.seed)
-    responses, tokens = [], []
+    paths = list(policies.values())
+    worker = RolloutWorker(cfg, paths[0], seed=cfg.train.seed)
+    scorer = RewardWorker(cfg.reward, segment=True)
     batch = max(1, cfg.rollout.prompts_per_step * cfg.rollout.group_size)
-    for i in tqdm(range(0, len(samples), batch), desc="generate", unit="batch"):
-        chunk = samples[i:i + batch]
-        outs = worker.generate([{"sample_id": s.id, "problem": s.problem, "image": s.model_image(size)}
-                                for s in chunk], n=1, greedy=True)
-        responses += [o["responses"][0]["text"] for o in outs]
-        tokens += [len(o["responses"][0]["token_ids"]) for o in outs]
-    result = evaluate_answers(samples, responses, tokens, RewardWorker(cfg.reward, segment=True), size,
-                              overlay_dir=out / "overlays", max_overlays=overlays, protocol=protocol)
-    result.update(split=str(split), policy=policy_path, segmenter=cfg.reward.segmenter, rules=cfg.reward.rules)
-    return result
+    results = {}
+    for version, (name, path) in enumerate(policies.items()):
+        if version:
+            shards = sorted(Path(path).glob("*.safetensors"))
+            worker.update_weights((list(load_file(str(f)).items()) for f in shards), version=version)
+        responses, tokens = [], []
+        for i in tqdm(range(0, len(samples), batch), desc=f"generate ({name})", unit="batch"):
+            chunk = samples[i:i + batch]
+            outs = worker.generate([{"sample_id": s.id, "problem": s.problem, "image": s.model_image(size)}
+                                    for s in chunk], n=1, greedy=True)
+            responses += [o["responses"][0]["text"] if o["responses"] else "" for o in outs]
+            tokens += [len(o["responses"][0]["token_ids"]) if o["responses"] else 0 for o in outs]
+        result = evaluate_answers(samples, responses, tokens, scorer, size, overlay_dir=out / "overlays" / name,
+                                  max_overlays=overlays, protocol=protocol)
+        result.update(split=str(split), policy=path, segmenter=cfg.reward.segmenter, rules=cfg.reward.rules)
+        results[name] = result
+    return results
 
 
 def format_table(result: dict) -> str:
@@ -97,10 +113,10 @@ def format_table(result: dict) -> str:
         rows.append((f"segzero protocol ({script} script: {result['scored']} scored, {result['skipped']} skipped)",
                      f"{result['giou']:.4f}", f"{result['ciou']:.4f}"))
     for name, note in (("lisa", "empty-empty=1, ignore excluded"), ("segzero", "empty-empty=0, ignore counted")):
-        if f"giou_{name}" in result:
-            rows.append((f"{name} ({note})", f"{result[f'giou_{name}']:.4f}", f"{result[f'ciou_{name}']:.4f}"))
+        rows.append((f"{name} ({note})", f"{result[f'giou_{name}']:.4f} +- {result[f'giou_{name}_se']:.4f}",
+                     f"{result[f'ciou_{name}']:.4f}"))
     w = max(len(r[0]) for r in rows)
-    lines = [f"{r[0]:<{w}}  {r[1]:>7}  {r[2]:>7}" for r in rows]
+    lines = [f"{r[0]:<{w}}  {r[1]:>16}  {r[2]:>7}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"samples {result['n']}, parse failures {result['parse_failure_rate']:.1%}, "
                  f"mean response {result['response_tokens_mean']:.1f} tokens, reward {result['reward']:.3f} "
@@ -108,13 +124,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def log_to_mlflow(cfg, result: dict, split: str) -> None:
+def log_to_mlflow(cfg, result: dict, split: str, name: str) -> None:
     import mlflow
 
     from cluster.tracking import use_experiment
 
     use_experiment(cfg, f"{cfg.tracking.experiment}-eval")
-    with mlflow.start_run(run_name=f"eval {Path(split).name}"):
+    with mlflow.start_run(run_name=f"eval {Path(split).name} ({name} policy)"):
         mlflow.log_params({"split": split, "policy": result["policy"], "segmenter": result["segmenter"],
                            "protocol": result["protocol"], "rules": result["rules"]})
         mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})

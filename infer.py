@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True)
     p.add_argument("--query", required=True)
-    p.add_argument("--checkpoint", default=None, help="HF directory of the policy (default as evaluate.py)")
+    p.add_argument("--checkpoint", default=None, help="HF directory of the policy (default: the run's final policy, "
+                   "as evaluate.py)")
     p.add_argument("--config", default=None)
     p.add_argument("--out", default="infer_out")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -39,13 +40,13 @@ def main(argv=None) -> int:
     from data.dataset import Sample
     from evaluation.overlay import save_overlay
     from evaluation.run import predicted_mask
-    from policy.prepare import policy_to_evaluate
+    from policy.prepare import policies_to_evaluate
     from policy.prompt import chat_prompt
     from reward.segmenters import make_segmenter
 
     image = Image.open(args.image).convert("RGB")
     size = cfg.model.image_size
-    policy = policy_to_evaluate(cfg, args.checkpoint)
+    policy = next(iter(policies_to_evaluate(cfg, args.checkpoint).values()))  # final before best
     processor = AutoProcessor.from_pretrained(policy)
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=torch.float32).eval()
     inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules)], images=[image.resize((size, size), Image.BILINEAR)],

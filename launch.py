@@ -61,7 +61,6 @@ def train(cfg, resume: str | None = None) -> None:
     from cluster.evaluation import evaluate_and_log
     from cluster.job import Job
     from cluster.tracking import start_run
-    from evaluation.curve import metric_history, plot_learning_curve
 
     job = Job.start(cfg, resume)
     try:
@@ -92,20 +91,38 @@ def train(cfg, resume: str | None = None) -> None:
                     job.save_checkpoint()
             bar.close()
 
-            # 3. The end: held-out evaluation, learning curve, checkpoint, the policy as an HF directory.
-            if cfg.eval.enabled:
-                evaluate_and_log(job, job.step)
-            curve = plot_learning_curve(metric_history(job.run_id), job.out / "learning_curve.png",
-                                        title=f"{cfg.tracking.run_name or 'default run'}, train.seed {cfg.train.seed}")
-            mlflow.log_artifact(str(curve))
-            job.save_checkpoint()
-            if cfg.tracking.log_model:
-                final = job.out / "final_policy"
-                job.learners.export_hf(final)
-                mlflow.log_artifacts(str(final), artifact_path="final_policy")
-                log.info("final policy: %s (logged to MLflow run %s)", final, job.run_id)
+            # 3. The end: held-out evaluation, learning curve, checkpoint, the policies as HF directories.
+            finish(job)
     finally:
         job.shutdown()
+
+
+def finish(job) -> None:
+    """The final evaluation, the learning curve, the last checkpoint, and the final (and best) policy as
+    HF directories, logged to MLflow."""
+    import mlflow
+
+    from cluster.evaluation import evaluate_and_log
+    from evaluation.curve import metric_history, plot_learning_curve
+
+    cfg = job.cfg
+    if cfg.eval.enabled:
+        evaluate_and_log(job, job.step)
+    curve = plot_learning_curve(metric_history(job.run_id), job.out / "learning_curve.png",
+                                title=f"{cfg.tracking.run_name or 'default run'}, train.seed {cfg.train.seed}")
+    mlflow.log_artifact(str(curve))
+    job.save_checkpoint()
+    if cfg.tracking.log_model:
+        final = job.out / "final_policy"
+        job.learners.export_hf(final)
+        mlflow.log_artifacts(str(final), artifact_path="final_policy")
+        log.info("final policy: %s (logged to MLflow run %s)", final, job.run_id)
+        if job.best is not None:
+            mlflow.log_artifacts(str(job.best_dir), artifact_path="best_policy")
+    if job.best is not None:
+        mlflow.log_metrics({"best/step": job.best["step"], "best/giou": job.best["giou"]}, step=job.step)
+        log.info("best policy: step %d, held-out gIoU %.4f +- %.4f (%s)", job.best["step"], job.best["giou"],
+                 job.best["giou_se"], job.best_dir)
 
 
 def warm_start(job) -> None:

@@ -166,11 +166,10 @@ def trl_child(spec: dict) -> None:
     import torch
     from transformers import AutoProcessor, TrainerCallback
 
-    from cluster.rollout import reward_group
     from config import load_config
     from data.dataset import ParquetSource
     from policy.prompt import SYSTEM_PROMPT, chat_prompt, question_text
-    from reward.worker import RewardWorker
+    from reward.worker import RewardWorker, reward_group
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -206,7 +205,7 @@ def trl_child(spec: dict) -> None:
         totals = [0.0] * len(texts)
         for sid in order:
             idx = [i for i, x in enumerate(sample_id) if x == sid]
-            group = reward_group(by_id[sid], {"responses": [{"text": texts[i]} for i in idx]}, size)
+            group = reward_group(by_id[sid], [texts[i] for i in idx], cfg.reward.rules, size)
             for i, r in zip(idx, reward_worker.score_group(group)):
                 totals[i] = r["total"]
         return totals

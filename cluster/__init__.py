@@ -1,2 +1,3 @@
-"""Everything that knows about Ray: connecting, placing actors, the streaming rollout->reward hand-off,
-weight broadcast between learner and rollout actors, and MLflow tracking of the driver."""
+"""Everything that knows about Ray: the job (set-up, checkpoints, operators' requests), the actor groups
+behind plain methods (learner ranks, rollout engines with their rounds and weight sync, the reward
+pool), placement, and MLflow tracking of the driver."""

@@ -8,6 +8,7 @@ tear-down. launch.py holds the algorithm; this holds everything around it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -86,11 +87,16 @@ class Job:
     version: int = 0     # the learner's weight version: one per optimizer step (warm start and GRPO)
     run_id: str | None = None
     pending: RolloutRound | CompletedRound | None = None  # one-step off-policy: the next step's round
+    best: dict | None = None  # the best evaluation so far: {"step", "giou", "giou_se"} (eval.keep_best)
     places: list = field(default_factory=list)  # topology rows, for cluster.status
 
     @property
     def warm_start_dir(self) -> Path:
         return self.out / "warm_start_policy"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out / "best_policy"
 
     @classmethod
     def start(cls, cfg: Config, resume: str | None = None) -> "Job":
@@ -135,7 +141,7 @@ class Job:
         pending = self.pending.finish() if self.pending is not None else None
         state = {"step": self.step, "sft_done": self.sft_done, "weight_version": self.version,
                  "data": self.data.state_dict(), "mlflow_run_id": self.run_id, "pending": pending,
-                 "versions": sorted(self.rollouts.versions)}
+                 "versions": sorted(self.rollouts.versions), "best": self.best}
         path = checkpoint.save(self.out, self.run_id, self.step, self.learners.save_checkpoint, state,
                                self.cfg.train.keep_checkpoints)
         log.info("checkpoint: %s", path)
@@ -149,6 +155,7 @@ class Job:
         self.step, self.sft_done, self.run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
         self.version = state["weight_version"]
         self.rollouts.versions.update(state.get("versions", ()))
+        self.best = state.get("best")
         if state.get("pending") is not None:
             self.pending = CompletedRound(*state["pending"])
         self.rollouts.sync_from(self.learners, self.version)
@@ -159,6 +166,18 @@ class Job:
                 self.learners.set_reference(self.warm_start_dir)
             else:
                 log.warning("%s is missing: the KL reference is the initial policy", self.warm_start_dir)
+
+    def keep_if_best(self, step: int, result: dict) -> bool:
+        """Exports the current policy to ``best_dir`` when this evaluation's held-out gIoU beats every
+        earlier one (eval.keep_best); returns whether it did."""
+        if not (self.cfg.eval.keep_best and result) or (self.best and result["giou_segzero"] <= self.best["giou"]):
+            return False
+        self.best = {"step": step, "giou": result["giou_segzero"], "giou_se": result["giou_segzero_se"],
+                     "rows": result["n"]}
+        self.learners.export_hf(self.best_dir)
+        (self.best_dir / "best.json").write_text(json.dumps(self.best, indent=2))
+        log.info("best policy so far: step %d, held-out gIoU %.4f -> %s", step, self.best["giou"], self.best_dir)
+        return True
 
     # -- operating --------------------------------------------------------------------------------
     def apply_scaling(self, step: int) -> None:

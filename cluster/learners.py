@@ -11,6 +11,7 @@ micro-batch loss by the WHOLE batch's token and sequence counts, passed to every
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -22,29 +23,49 @@ from cluster.placement import PLACEMENT, actor_options, address_and_port
 from config import Config
 from rollout.group import InvariantError
 
+log = logging.getLogger(__name__)
+
 
 class LearnerGroup:
     def __init__(self, cfg: Config, policy_path: str):
         """Starts one actor per rank in a placement group (bundle r = rank r); rank 0's node hosts the
         torch.distributed rendezvous. Returns at once: ``ready()`` waits for the constructors."""
-        from learner.learner import Learner
-
-        self.cfg = cfg
+        self.cfg, self.policy_path = cfg, policy_path
         self.timeout_s = cfg.cluster.call_timeout_s
         res, world = cfg.cluster.learner, cfg.cluster.learner_ranks
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
         self.placement_group = placement_group([bundle] * world, strategy="PACK")
         ray.get(self.placement_group.ready(), timeout=cfg.cluster.startup_timeout_s)
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        from learner.learner import Learner
+
+        res, world = self.cfg.cluster.learner, self.cfg.cluster.learner_ranks
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)  # noqa: E731
         addr, port = ray.get(address_and_port.options(scheduling_strategy=in_bundle(0)).remote())
         remote_learner = ray.remote(Learner)
         self.ranks = [remote_learner.options(**actor_options(res, scheduling_strategy=in_bundle(r)))
-                      .remote(cfg, policy_path, rank=r, world_size=world, master_addr=addr, master_port=port)
+                      .remote(self.cfg, self.policy_path, rank=r, world_size=world, master_addr=addr, master_port=port)
                       for r in range(world)]
         PLACEMENT.update({actor: (self.placement_group, r) for r, actor in enumerate(self.ranks)})
 
-    def ready(self) -> None:
-        ray.get([r.__ray_ready__.remote() for r in self.ranks], timeout=self.cfg.cluster.startup_timeout_s)
+    def ready(self, attempts: int = 3) -> None:
+        """Waits for the ranks' constructors. The rendezvous port is picked free and then bound by rank 0;
+        another process can take it in between (two jobs starting at once): then the ranks start again on
+        a new port, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            try:
+                ray.get([r.__ray_ready__.remote() for r in self.ranks], timeout=self.cfg.cluster.startup_timeout_s)
+                return
+            except ray.exceptions.RayActorError as exc:
+                if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                    raise
+                log.warning("learner rendezvous port taken meanwhile (EADDRINUSE); restarting the ranks on another")
+                for rank in self.ranks:
+                    ray.kill(rank, no_restart=True)
+                    PLACEMENT.pop(rank, None)
+                self._start_ranks()
 
     # -- collective calls -----------------------------------------------------------------------
     def _all(self, method: str, *args, shards: list | None = None) -> list:

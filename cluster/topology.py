@@ -29,7 +29,7 @@ def _group_row(pg, bundle: int) -> dict:
 def topology(pools: dict[str, list], timeout_s: float = 60.0, placements: dict | None = None) -> list[dict]:
     """One row per actor: role, index, node, pid, GPUs and, for actors in a placement group, the group,
     the actor's bundle and the group's GPUs. ``pools`` maps a role name to its actors; ``placements``
-    maps an actor to its (placement group, bundle index), default ``cluster.start.PLACEMENT``."""
+    maps an actor to its (placement group, bundle index), default ``cluster.placement.PLACEMENT``."""
     if placements is None:
         from cluster.placement import PLACEMENT as placements
     rows = []

@@ -3,8 +3,8 @@
 Reads the metric history back from MLflow (so a resumed run plots its whole history) and draws two
 panels: left, the mean training reward of each term per GRPO step (reward/*, the G answers of every
 prompt of the step) and the held-out reward of the greedy answers (eval/reward); right, the held-out
-gIoU and cIoU (eval/*, greedy answers, mask IoU), box IoU and parse-failure rate, at the steps where
-evaluation ran (step 0 = after the warm start).
+gIoU (with a band of +- one standard error) and cIoU (eval/*, greedy answers, mask IoU), box IoU and
+parse-failure rate, at the steps where evaluation ran (step 0 = after the warm start).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 REWARD_PREFIX, HELD_OUT_REWARD = "reward/", "eval/reward"
 EVAL_KEYS = ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou", "eval/parse_failure_rate")
+GIOU_SE = "eval/giou_segzero_se"
 
 
 def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]:
@@ -20,7 +21,7 @@ def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]
 
     client = MlflowClient()
     names = keys or [k for k in client.get_run(run_id).data.metrics
-                     if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS or k == HELD_OUT_REWARD]
+                     if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS or k in (HELD_OUT_REWARD, GIOU_SE)]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in names}
 
 
@@ -44,11 +45,17 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
-            right.plot(steps, values, marker="o", label=key.split("/", 1)[1],
-                       **(dict(color="grey", linestyle=":") if key == "eval/parse_failure_rate" else {}))
+            line, = right.plot(steps, values, marker="o", label=key.split("/", 1)[1],
+                               **(dict(color="grey", linestyle=":") if key == "eval/parse_failure_rate" else {}))
+            se = dict(history.get(GIOU_SE, ()))
+            if key == "eval/giou_segzero" and se:  # +- one standard error of the held-out mean
+                band = [(s, v, se[s]) for s, v in zip(steps, values) if s in se]
+                right.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                                   color=line.get_color(), alpha=0.25, linewidth=0, label="gIoU +- 1 s.e.")
     right.set(xlabel="GRPO step (0 = after the warm start)", ylabel="IoU / rate", title="held-out (greedy)")
     right.set_ylim(0, 1)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -69,8 +69,10 @@ class SegMetrics:
         self.union += other.union
 
     def result(self) -> dict:
-        """{"giou", "ciou", "n", "convention"}; with no samples both metrics are nan."""
+        """{"giou", "giou_se", "ciou", "n", "convention"}; giou_se is the standard error of gIoU,
+        std(IoU_i) / sqrt(n) (sample std); with no samples the metrics are nan."""
         n = len(self.ious)
         giou = float(np.mean(self.ious)) if n else float("nan")
+        se = float(np.std(self.ious, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
         ciou = (self.intersection / self.union if self.union else self.empty_empty) if n else float("nan")
-        return {"giou": giou, "ciou": float(ciou), "n": n, "convention": self.convention}
+        return {"giou": giou, "giou_se": se, "ciou": float(ciou), "n": n, "convention": self.convention}

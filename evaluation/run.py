@@ -42,7 +42,8 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
     total, means over samples), ``parse_failure_rate`` (no segmenter prompt in the answer),
     ``response_tokens_mean``, ``box_iou`` (mean IoU, inclusive pixels, of the first predicted box with
     the ground-truth box; 0 when the answer does not parse), per-sample ``samples`` records and the
-    paths of ``max_overlays`` overlay PNGs, ``giou_<convention>``, ``ciou_<convention>`` (default protocol).
+    paths of ``max_overlays`` overlay PNGs, ``giou_<convention>`` with its standard error
+    ``giou_<convention>_se``, ``ciou_<convention>`` (default protocol).
     Protocol segzero adds ``giou``, ``ciou``, ``scored`` and ``skipped`` as the paper's script counts them.
     """
     if protocol not in PROTOCOLS:
@@ -86,7 +87,7 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
         result.update(script.result())
     for name, m in metrics.items():
         r = m.result()
-        result[f"giou_{name}"], result[f"ciou_{name}"] = r["giou"], r["ciou"]
+        result[f"giou_{name}"], result[f"giou_{name}_se"], result[f"ciou_{name}"] = r["giou"], r["giou_se"], r["ciou"]
     return result
 
 

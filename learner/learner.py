@@ -79,6 +79,22 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def lr_factor(step: int, cfg: Config) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) as a fraction of the base rate.
+
+    warm-up (learner.warmup_steps) x, with learner.lr_schedule=cosine, a cosine decay over the GRPO
+    steps, which follow the train.sft_steps warm-start steps: from 1 at the first GRPO step to
+    learner.min_lr_ratio after the last, c(p) = m + (1 - m) (1 + cos(pi p)) / 2, p = GRPO steps done /
+    train.steps. It is a function of the step alone, so a resumed job follows the same schedule.
+    """
+    lc = cfg.learner
+    factor = warmup_factor(step, lc.warmup_steps)
+    if lc.lr_schedule == "cosine" and step >= cfg.train.sft_steps:
+        progress = min(1.0, (step - cfg.train.sft_steps) / max(cfg.train.steps, 1))
+        factor *= lc.min_lr_ratio + (1 - lc.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return factor
+
+
 class _ZeroConfigForHF:
     """What transformers reads from its DeepSpeed config object while loading (is_zero3(), .config).
 
@@ -156,7 +172,7 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: warmup_factor(step, lc.warmup_steps)))
+                opt, lambda step: lr_factor(step, cfg)))
         self.model = self.engine.module
         self.hf_names = checkpoint_names(self.model)
 

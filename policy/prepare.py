@@ -25,17 +25,19 @@ def prepare_policy(cfg) -> str:
     return str(path)
 
 
-def policy_to_evaluate(cfg, checkpoint: str | None) -> str:
-    """evaluate.py / infer.py: --checkpoint, else the run's final policy, else model.policy_path (or the
-    untrained tiny policy)."""
+def policies_to_evaluate(cfg, checkpoint: str | None) -> dict[str, str]:
+    """evaluate.py / infer.py: {name: HF directory}. --checkpoint alone; else the run's final policy and,
+    when kept (eval.keep_best), its best policy; else model.policy_path (or the untrained tiny policy)."""
     if checkpoint:
         if not Path(checkpoint, "config.json").exists():
             raise SystemExit(f"--checkpoint: no HF checkpoint (config.json) in {checkpoint}")
-        return checkpoint
-    final = Path(cfg.train.output_dir) / "final_policy"
-    if not cfg.model.policy_path and (final / "config.json").exists():
-        return str(final)
-    return prepare_policy(cfg)
+        return {"checkpoint": checkpoint}
+    out = Path(cfg.train.output_dir)
+    found = {name: str(out / f"{name}_policy") for name in ("final", "best")
+             if (out / f"{name}_policy" / "config.json").exists()}
+    if not cfg.model.policy_path and found:
+        return found
+    return {"initial": prepare_policy(cfg)}
 
 
 def reference_tokenizer(policy_path: str):

@@ -45,3 +45,4 @@ def memorised_policy(tmp_path_factory, synthetic_split):
             break
     model.save_pretrained(path)
     return path, sample
+

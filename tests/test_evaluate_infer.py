@@ -90,7 +90,7 @@ def test_evaluation_scores_answers_with_the_training_reward(synthetic_split):
     size = 112
     samples = [s for _, s in zip(range(2), ParquetSource(synthetic_split, shuffle=False).iter_epoch())]
     responses = [samples[0].reference_answer(size), "<think>no idea</think><answer>{'bbox': oops}</answer>"]
-    cfg = load_config().reward
+    cfg = load_config().reward.model_copy(update={"weights": {}})  # every term weighs 1
     result = evaluate_answers(samples, responses, [10, 10], RewardWorker(cfg, segment=True), size, max_overlays=0)
     records = result["samples"]
     # The reference answer earns every rule term; the malformed one only the think format.
@@ -105,3 +105,27 @@ def test_evaluation_scores_answers_with_the_training_reward(synthetic_split):
     assert "reward_mask_iou" not in off
     assert off["reward"] == pytest.approx(result["reward"] - result["reward_mask_iou"] + 2 * result["reward_bbox_iou"])
     assert off["giou_segzero"] == pytest.approx(result["giou_segzero"])
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_final_and_the_best_policy_of_a_run(tmp_path, synthetic_split, memorised_policy):
+    """Without --checkpoint, evaluate.py scores the run's final_policy and best_policy (one engine; the
+    second policy's weights are pushed into it): here the memorised policy and the untrained one."""
+    import shutil
+
+    from policy.tiny import build_tiny_policy
+
+    policy, _ = memorised_policy
+    shutil.copytree(policy, tmp_path / "final_policy")
+    build_tiny_policy(tmp_path / "best_policy", image_size=112, seed=1)  # the memorised policy's start
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "--split", str(synthetic_split), "--out", str(out), "--limit", "3",
+         "--overlays", "0", "--no-mlflow", f"train.output_dir={tmp_path}", "rollout.max_new_tokens=96"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final policy" in proc.stdout and "best policy" in proc.stdout
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"final", "best"}
+    assert results["final"]["samples"][0]["parsed"] and results["final"]["samples"][0]["iou"] > 0.5
+    assert results["best"]["parse_failure_rate"] == 1.0  # random weights: nothing parses

@@ -1,6 +1,7 @@
 """End to end: `python launch.py` with every real engine (Ray, vLLM CPU, DeepSpeed, reward pool, MLflow),
 and a job killed right after a checkpoint that resumes exactly where it stopped. One-step off-policy,
 so the checkpoint also holds the round already generated for the next step."""
+import json
 import signal
 import subprocess
 import sys
@@ -51,6 +52,11 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     # After every sync vLLM served the learner's weights: same logprobs on the probe (fp32: ~1e-6).
     assert max(metric("sync/parity_max_diff").values()) < 1e-3
     assert (full / "final_policy" / "config.json").exists()
+    # The best held-out evaluation's policy is kept beside it (step 0 = the warm start counts too).
+    best = json.loads((full / "best_policy" / "best.json").read_text())
+    giou = metric("eval/giou_segzero")
+    assert best["giou"] == max(giou.values()) and giou[best["step"]] == best["giou"]
+    assert (full / "best_policy" / "config.json").exists() and metric("best/step")[STEPS] == best["step"]
     # GRPO's KL reference is the warm-started policy (exported), so the first step's KL is 0, not the
     # distance back to the random initial weights.
     assert (full / "warm_start_policy" / "config.json").exists()

@@ -283,3 +283,18 @@ def test_deepspeed_config_follows_learner_config():
     assert "optimizer" not in deepspeed_config(learner_config(3), bf16=False, with_optimizer=False)
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+
+
+def test_cosine_schedule_decays_over_the_grpo_steps_only():
+    from config import load_config
+    from learner.learner import lr_factor
+
+    cfg = load_config(None, ["learner.lr_schedule=cosine", "learner.min_lr_ratio=0.1", "learner.warmup_steps=2",
+                             "train.sft_steps=10", "train.steps=4"])
+    factors = [lr_factor(s, cfg) for s in range(15)]
+    assert factors[:10] == [0.5] + [1.0] * 9  # the warm start: warm-up, then the full rate
+    # GRPO steps 10..13: 1 at the first, cosine towards 0.1 after the last, then flat
+    assert factors[10:] == pytest.approx([1.0, 0.1 + 0.9 * (1 + 2 ** -0.5) / 2, 0.55, 0.1 + 0.9 * (1 - 2 ** -0.5) / 2, 0.1])
+    constant = load_config(None, ["learner.lr_schedule=constant", "learner.warmup_steps=0", "train.sft_steps=10",
+                                  "train.steps=4"])
+    assert all(lr_factor(s, constant) == 1.0 for s in range(15))

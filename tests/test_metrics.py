@@ -72,3 +72,18 @@ def test_merge_and_empty_result():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         SegMetrics().add(np.zeros((3, 3), bool), np.zeros((4, 4), bool))
+
+
+def test_learning_curve_draws_the_standard_error_band(tmp_path):
+    from PIL import Image
+
+    from evaluation.curve import plot_learning_curve
+
+    history = {"reward/total": [(1, 2.0), (2, 2.5)], "reward/think_format": [(1, 1.0), (2, 1.0)],
+               "eval/reward": [(0, 2.1), (2, 2.6)], "eval/giou_segzero": [(0, 0.40), (2, 0.55)],
+               "eval/giou_segzero_se": [(0, 0.05), (2, 0.05)]}
+    with_band = np.asarray(Image.open(plot_learning_curve(history, tmp_path / "a.png")).convert("RGB")).astype(int)
+    history.pop("eval/giou_segzero_se")
+    without = np.asarray(Image.open(plot_learning_curve(history, tmp_path / "b.png")).convert("RGB")).astype(int)
+    assert with_band.shape == without.shape
+    assert (np.abs(with_band - without).sum(axis=-1) > 30).sum() > 500  # the shaded band (and its legend entry)

@@ -142,3 +142,29 @@ def test_multi_object_group_masks_are_unions():
     assert scores[0]["mask_iou"] > 0.8
     assert 0.5 < scores[1]["mask_iou"] < scores[0]["mask_iou"]  # the green square is added to the union
     assert worker.segmenter.predict.calls == [3]
+
+
+@pytest.mark.parametrize("rules, terms", [
+    ("segzero", {"think_format": 1.0, "answer_format": 1.0, "bbox_iou": 1.0, "bbox_l1": 1.0, "point_l1": 1.0}),
+    ("segzero_soft", {"think_format": 1.0, "answer_format": 1.0, "bbox_iou": 1.0, "bbox_l1": 1.0, "point_l1": 1.0}),
+    ("multi_object", {"think_format": 1.0, "answer_format": 2.0, "accuracy": 3.0, "non_repeat": 1.0}),
+])
+def test_reward_group_gives_each_rule_set_its_own_solution(tmp_path, rules, terms):
+    """What the rollout round and evaluation score: the sample's reference answer in the rule set's
+    format earns every rule term against the solution reward_group builds (under multi_object, the
+    JSON list; the old driver sent Seg-Zero's string there, and accuracy was 0 at every step)."""
+    from data.dataset import ParquetSource
+    from data.synthetic import write_synthetic
+    from reward.worker import reward_group
+
+    multi = rules == "multi_object"
+    path = write_synthetic(tmp_path / "d.parquet", 3, 112, seed=5, multi_object=multi, num_shapes=(1, 3),
+                           kinds=("colour", "all_colour") if multi else ("colour",), barcodes="objects")
+    worker = RewardWorker(RewardConfig(rules=rules, mask_iou="continuous", weights={"mask_iou": 2.0}))
+    for sample in ParquetSource(path, shuffle=False).iter_epoch():
+        group = reward_group(sample, [sample.reference_answer(112, rules), "no answer"], rules, 112)
+        assert group["solution"] == sample.solution(112, rules)
+        best, worst = worker.score_group(group)
+        assert {k: best[k] for k in terms} == terms
+        assert best["mask_iou"] > 0.5 and best["total"] == pytest.approx(sum(terms.values()) + 2 * best["mask_iou"])
+        assert worst["total"] == worst.get("non_repeat", 0.0)

@@ -6,7 +6,6 @@ for the test to release it, so the test sees exactly what was submitted while ge
 running; the reward pool is a recording object with RewardPool's submit/collect. Real vLLM rollouts
 through RolloutRound run in test_launch.py and test_operations.py.
 """
-import asyncio
 
 import pytest
 
@@ -16,6 +15,7 @@ from cluster.rollout import RolloutGroup  # noqa: E402
 from config import load_config  # noqa: E402
 from data.dataset import ParquetSource  # noqa: E402
 from rollout.group import make_groups  # noqa: E402
+from tests.helpers import Gate  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,18 +23,6 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     yield
     ray.shutdown()
-
-
-@ray.remote(num_cpus=0)
-class Gate:
-    def __init__(self):
-        self.event = asyncio.Event()
-
-    async def wait(self):
-        await self.event.wait()
-
-    async def open(self):
-        self.event.set()
 
 
 @ray.remote(num_cpus=0)

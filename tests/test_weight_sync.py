@@ -7,7 +7,7 @@ bytes, commit_weights(version) -> version): they show exactly which tensors arri
 and they can hang or misreport on purpose. The real vLLM receiving side is tested in test_rollout.py,
 the whole loop with real rollout workers in test_launch.py and test_modes.py.
 """
-import asyncio
+import socket
 import threading
 import time
 
@@ -24,6 +24,7 @@ from cluster.weight_sync import push_weights, sync_timeout  # noqa: E402
 from config import REPO, Config  # noqa: E402
 from policy.prompt import chat_prompt  # noqa: E402
 from policy.tiny import build_tiny_policy  # noqa: E402
+from tests.helpers import Gate  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,9 +40,35 @@ def policy_dir(tmp_path_factory):
     return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", layers=2)
 
 
+@ray.remote(num_cpus=0)
+class Ports:
+    """Hands out the rendezvous port: first one that is already taken (as when another job grabs the
+    port between its pick and rank 0's bind), then free ones."""
+
+    def __init__(self):
+        self.taken = socket.socket()
+        self.taken.bind(("", 0))
+        self.taken.listen()
+        self.calls = 0
+
+    def next(self):
+        self.calls += 1
+        if self.calls == 1:
+            return ray.util.get_node_ip_address(), self.taken.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def actors(policy_dir):
-    """The learner actor and the receivers, started together (each is a process to start)."""
+    """The learner actor and the receivers, started together (each is a process to start). The ranks'
+    first rendezvous port is taken: LearnerGroup.ready() starts them again on another."""
+    import cluster.learners
+
+    ports = Ports.remote()
+    pick = cluster.learners.address_and_port
+    cluster.learners.address_and_port = ray.remote(num_cpus=0)(lambda: ray.get(ports.next.remote()))
     cfg = Config()
     cfg.learner.kl_coef = 0.0  # no reference model: only the policy's weights matter here
     # Two ZeRO-3 ranks, every tensor partitioned: each bucket is gathered by both ranks (collective),
@@ -54,7 +81,10 @@ def actors(policy_dir):
     # One hung receiver per test that hangs one: a hung actor stays hung until it is killed.
     receivers = {name: Receiver.remote(mode) for name, mode in
                  [("a", "ok"), ("b", "ok"), ("hung", "hang"), ("hung2", "hang"), ("wrong", "wrong_version")]}
-    ray.get([a.__ray_ready__.remote() for a in [*learners.ranks, *receivers.values()]], timeout=600)
+    learners.ready()
+    cluster.learners.address_and_port = pick
+    assert ray.get(ports.__ray_call__.remote(lambda self: self.calls)) == 2  # started again once
+    ray.get([a.__ray_ready__.remote() for a in receivers.values()], timeout=600)
     yield learners, receivers
     learners.shutdown()
     for actor in receivers.values():
@@ -187,16 +217,6 @@ def test_wrong_version_raises_runtime_error(learners, receivers):
     assert ray.get(ok.received.remote())  # the weights did arrive; only the version check failed
 
 
-@ray.remote(num_cpus=0)
-class Gate:
-    def __init__(self):
-        self.event = asyncio.Event()
-
-    async def wait(self):
-        await self.event.wait()
-
-    async def open(self):
-        self.event.set()
 
 
 def test_resync_serves_the_synced_version_without_the_busy_learner(learners, receivers):
