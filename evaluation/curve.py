@@ -41,7 +41,8 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
         steps, values = zip(*history[HELD_OUT_REWARD])
         left.plot(steps, values, "k--o", label="held-out total (greedy)")
     left.set(xlabel="GRPO step", ylabel="mean reward", title="reward per term (training samples)")
-    left.legend(fontsize=7, loc="center", ncol=3)  # between the totals (~1.5-4) and the 0/1 terms
+    # below the panel: the weighted total and the 0/1 terms span the whole height
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
@@ -61,6 +62,6 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend below the left panel
     plt.close(fig)
     return path

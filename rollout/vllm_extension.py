@@ -29,6 +29,7 @@ the end of this file: its receiving side is vLLM's own weight-transfer engine, n
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -66,8 +67,17 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
+        # vLLM warns "Failed to load weights" for every layer that received nothing; here that is the
+        # documented case (frozen sub-models are not pushed and keep their weights), so it is silenced
+        # for this call only. A layer that received only part of its tensors is not covered by this.
+        layerwise_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise_log.level
+        layerwise_log.setLevel(logging.ERROR)
+        try:
+            with set_current_vllm_config(self.vllm_config):
+                finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
+        finally:
+            layerwise_log.setLevel(level)
         self._loaded_weight_version = version
 
     def reseed(self, seed: int) -> None:
