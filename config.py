@@ -271,7 +271,8 @@ class TrackingConfig(Section):
         None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.")
     experiment: str = Field("seg-grpo", description="MLflow experiment name.")
     run_name: Optional[str] = Field(None, description="MLflow run name (default: generated).")
-    log_model: bool = Field(True, description="Log the final policy (HF directory) as an MLflow artifact.")
+    log_model: bool = Field(True, description="Export the final policy to train.output_dir/final_policy (HF "
+                            "directory) and log it, and best_policy, as MLflow artifacts.")
     system_metrics: bool = Field(True, description="Log MLflow system metrics (CPU, memory, GPU) of the driver's node.")
 
 

@@ -1,7 +1,7 @@
 """The mode matrix: short real jobs (every engine real: Ray, vLLM CPU, DeepSpeed, the reward pool,
 MLflow; tiny policy; a short warm start; 3 GRPO steps) over every advertised switch, in a pairwise
 design: every pair of values of every two switches runs together in at least one job
-(``test_design_covers_every_pair``), in 12 jobs instead of the full product's ~1.6 million.
+(``test_design_covers_every_pair``), in 12 jobs instead of the full product's ~7 million.
 
 Each job checks the step's invariants itself (rollout.group.check_batch: whose advantage, trained
 once, which weight version; a violation fails the job), and each test asserts: every metric finite;
@@ -18,6 +18,7 @@ import mlflow
 import pytest
 
 from config import load_config
+from learner.learner import lr_factor
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +43,23 @@ LEVELS = {
     "learner.freeze_vision": ["true", "false"],
     "learner.gradient_checkpointing": ["false", "true"],
     "learner.clip_ratio_c": ["null", "3.0"],
+    "learner.lr_schedule": ["cosine", "constant"],
+    "eval.keep_best": ["true", "false"],
 }
 # One row per job: the level index of each switch above, in order (a pairwise covering array).
 DESIGN = [
-    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0],
-    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0],
-    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1],
-    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0],
-    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0],
-    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1],
-    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
-    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0],
-    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1],
-    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1],
-    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1],
-    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
 # launch.py job, 80 steps), and runs 2 warm-start steps of its own (export, KL reference, sync).
@@ -175,5 +178,10 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
         assert all(every["rollout/staleness"][s] == 0 for s in trained)
     else:
         assert all(every["rollout/staleness"][s] <= 1 for s in trained)
+    # The learning rate of the i-th update follows the schedule by optimizer step (resume included).
+    for i, step in enumerate(trained):
+        assert every["lr"][step] == pytest.approx(cfg.learner.lr * lr_factor(cfg.train.sft_steps + i, cfg), rel=1e-6)
+    assert (tmp_path / "best_policy" / "best.json").exists() == cfg.eval.keep_best
+    assert ("best/step" in every) == cfg.eval.keep_best
     assert every["pool/rollout_workers"][1] == cfg.cluster.rollout_workers
     assert every["pool/reward_workers"][1] == cfg.cluster.reward_workers
