@@ -143,9 +143,6 @@ class RolloutConfig(Section):
     off_policy: bool = Field(
         False, description="One-step off-policy: rollouts for step t+1 run while the learner trains step t "
         "(staleness bounded to one weight version; the PPO ratio uses the sampling logprobs).")
-    enable_sleep_mode: bool = Field(
-        False, description="GPU only: let rollout workers sleep() (free GPU memory) while a learner on the "
-        "same GPUs trains, and wake_up() before generating.")
 
 
 class RewardConfig(Section):

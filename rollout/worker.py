@@ -61,8 +61,7 @@ class RolloutWorker:
             logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs",
         )
         if on_gpu:
-            engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization,
-                               enable_sleep_mode=r.enable_sleep_mode)
+            engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization)
             if r.tensor_parallel_size > 1:  # TP workers as Ray actors in this engine's placement group
                 engine_args["distributed_executor_backend"] = "ray"
             if r.weight_sync == "nccl":
@@ -243,17 +242,6 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
-
-    # ------------------------------------------------------------------ colocated GPU mode
-    def sleep(self, level: int = 1) -> None:
-        """Frees GPU memory between rollouts (needs rollout.enable_sleep_mode, GPU only; vLLM's CPU
-        worker ignores it). Level 1 keeps weights in host memory; level 2 drops them, so the next
-        update_weights must push the whole model before generating."""
-        self.llm.sleep(level=level)
-
-    def wake_up(self) -> None:
-        self.llm.wake_up()
-        self.llm.reset_prefix_cache()
 
 
 def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
