@@ -128,10 +128,12 @@ class RolloutConfig(Section):
         True, description="Run vLLM's engine and (with tensor_parallel_size 1) its worker inside the rollout "
         "process (VLLM_ENABLE_V1_MULTIPROCESSING=0): faster start, no extra processes, weights passed by "
         "reference. False: vLLM's own processes; weights then travel as safetensors bytes.")
-    weight_sync: Literal["rpc", "nccl"] = Field(
-        "rpc", description="How learner weights reach vLLM: rpc = HF-named tensors through vLLM's "
-        "collective_rpc (CPU, or a learner on the same node); nccl = vLLM's NCCL weight transfer, broadcast "
-        "from learner rank 0 to every rollout GPU (GPU only).")
+    weight_sync: Literal["rpc", "collective"] = Field(
+        "rpc", description="How learner weights reach vLLM after each step: rpc = learner rank 0 puts each bucket "
+        "in Ray's object store once and every rollout worker fetches and loads it; collective = learner rank 0 "
+        "broadcasts each bucket to every vLLM worker process (tensor-parallel ranks included) in one process "
+        "group, gloo on CPU and NCCL on GPU, with a checksum per bucket (cluster/broadcast.py). Learner and "
+        "rollout workers must then be both on GPUs or both on CPUs.")
     dynamic_sampling: bool = Field(
         False, description="DAPO dynamic sampling: drop groups whose G rewards are all equal (no signal) and "
         "refill the batch with new prompts (metrics batch/dropped_groups, batch/refills).")
@@ -290,6 +292,11 @@ class Config(Section):
             self.data.resolve_synthetic(self.reward.rules)
         except ValueError as exc:
             raise ValueError(f"data.{exc}") from None
+        if self.rollout.weight_sync == "collective" and \
+                (self.cluster.learner.num_gpus > 0) != (self.cluster.rollout.num_gpus > 0):
+            raise ValueError("rollout.weight_sync: collective needs the learner and the rollout workers on the same "
+                             "kind of device (one NCCL or one gloo group), got cluster.learner.num_gpus="
+                             f"{self.cluster.learner.num_gpus} and cluster.rollout.num_gpus={self.cluster.rollout.num_gpus}")
         return self
 
 

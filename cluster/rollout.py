@@ -25,10 +25,11 @@ import logging
 import time
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.placement import PLACEMENT, free_placement, rollout_placement
-from cluster.weight_sync import check_parity, push_weights, sync_timeout
+from cluster.broadcast import WeightBroadcast
+from cluster.weight_sync import check_parity, push_weights, sync_timeout, wait_until_alive
 from config import Config
 from data.dataset import Sample
 from reward.worker import reward_group
@@ -44,7 +45,9 @@ class RolloutGroup:
         self.cfg, self.policy_path, self.reward_pool, self.parity_probe = cfg, policy_path, reward_pool, parity_probe
         self.workers: list = []
         self.versions = {0}  # every weight version pushed; 0 = the weights each engine starts from
-        self.synced: tuple[int, list, list | None] | None = None  # (version, bucket refs, parity reference)
+        self.synced: tuple[int, list | None, list | None] | None = None  # (version, bucket refs, parity reference)
+        self.broadcast = WeightBroadcast(cfg) if cfg.rollout.weight_sync == "collective" else None
+        self.learners = None  # of the last sync_from: resync's source when no buckets are kept
         self._add(count)
 
     # -- actors -----------------------------------------------------------------------------------
@@ -97,42 +100,59 @@ class RolloutGroup:
 
     # -- weights ----------------------------------------------------------------------------------
     def sync_from(self, learners, version: int) -> dict:
-        """The learner's current weights, as ``version``, to every worker; the buckets are kept for
-        ``resync``. A worker that dies meanwhile is waited for and pushed to again."""
+        """The learner's current weights, as ``version``, to every worker (rollout.weight_sync: rpc, through
+        the object store; collective, through the broadcast group, cluster/broadcast.py). A worker that
+        dies meanwhile is waited for and sent the weights again. What a restarted or added worker needs
+        is kept for ``resync``: RPC's buckets, or, collective and one-step off-policy, the same buckets
+        put in the object store by the learner as it sends them."""
         c = self.cfg.cluster
         t0 = time.perf_counter()
-        deadline = time.monotonic() + c.sync_timeout_s
-        too_slow = sync_timeout(version, c.sync_timeout_s)
-        refs = learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow)
+        self.learners = learners
         reference = None
         if self.parity_probe is not None:
             reference = learners.logprobs([self.parity_probe], 1.0)[0]
-        self.synced = (version, refs, reference)
         self.versions.add(version)
-        n_bytes, restarts = self._push(self.workers, deadline, too_slow)
+        if self.broadcast is None:
+            deadline = time.monotonic() + c.sync_timeout_s
+            too_slow = sync_timeout(version, c.sync_timeout_s)
+            self.synced = (version, learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow), reference)
+            n_bytes, restarts = self._push(self.workers, deadline, too_slow)
+            extra = {}
+        else:
+            result = self.broadcast.sync(learners, self.workers, version, keep=self.cfg.rollout.off_policy)
+            self.synced = (version, result.bucket_refs, reference)
+            n_bytes, restarts = result.n_bytes, result.restarted
+            extra = {"sync/group_rebuilds": result.rebuilds}
         dt = time.perf_counter() - t0
         metrics = {"time/sync": dt, "sync/bytes": n_bytes, "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9,
-                   "sync/worker_restarts": restarts}
+                   "sync/worker_restarts": restarts, **extra}
         if reference is not None:
             metrics["sync/parity_max_diff"] = check_parity(self.workers, self.parity_probe, reference,
                                                            c.sync_parity_tolerance, c.call_timeout_s)
         return metrics
 
     def resync(self, worker) -> None:
-        """The last synced weights to one (restarted or new) worker, from the kept buckets; nothing to
-        do before the first sync (a fresh engine holds version 0)."""
+        """The last synced weights to one (restarted or new) worker over RPC, from the kept buckets, or
+        (collective, synchronous: the learner is idle and holds exactly that version) from the learner;
+        it joins the broadcast group at the next sync. Nothing to do before the first sync (a fresh
+        engine holds version 0)."""
         if self.synced is None:
             return
-        version, _, reference = self.synced
+        version, refs, reference = self.synced
         c = self.cfg.cluster
-        self._push([worker], time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s))
+        deadline, too_slow = time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s)
+        if refs is None:
+            refs = self.learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow)
+        self._push([worker], deadline, too_slow, refs)
         if reference is not None:
             check_parity([worker], self.parity_probe, reference, c.sync_parity_tolerance, c.call_timeout_s)
 
-    def _push(self, workers: list, deadline: float, too_slow: Exception) -> tuple[int, int]:
-        """push_weights of the kept buckets; workers found dead are waited for (Ray restarts them with the
-        initial weights) and pushed to again, once. Returns (bytes per worker, workers pushed to again)."""
-        version, refs, _ = self.synced
+    def _push(self, workers: list, deadline: float, too_slow: Exception, refs: list | None = None) -> tuple[int, int]:
+        """push_weights of the kept buckets (or ``refs``); workers found dead are waited for (Ray restarts
+        them with the initial weights) and pushed to again, once. Returns (bytes per worker, workers pushed
+        to again)."""
+        version, kept, _ = self.synced
+        refs = kept if refs is None else refs
         n_bytes, dead = push_weights(workers, refs, version, deadline, too_slow)
         if not dead:
             return n_bytes, 0
@@ -285,17 +305,3 @@ class CompletedRound:
 
     def finish(self) -> tuple[list[Group], dict]:
         return self.groups, self.timings
-
-
-def wait_until_alive(actor, deadline: float) -> None:
-    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
-                               "deadline (cluster.call_timeout_s)")
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=left)
-            return
-        except (ActorUnavailableError, GetTimeoutError):
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

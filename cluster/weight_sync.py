@@ -8,8 +8,8 @@ which is checked. A worker that dies meanwhile is pushed to again once Ray has r
 others commit what they loaded (a second push into a session would load a layer twice). The bucket refs are kept by the
 rollout group until the next sync: a worker that restarts, or is added by scaling, is given the same
 version from them without calling the learner (which may be busy with the next step), at the cost
-of one copy of the synced weights in the object store. The GPU path (NCCL broadcast from rank 0 into
-the vLLM workers) is in rollout/vllm_extension.py.
+of one copy of the synced weights in the object store. The other path, a broadcast from learner rank 0
+into every vLLM worker process (rollout.weight_sync=collective), is cluster/broadcast.py.
 
 Parity (``cluster.sync_parity_check``): after a sync, learner rank 0's logprobs of a fixed probe
 (a held-out prompt and its reference answer) are compared with what each worker serves; the learner's
@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 
 class SyncTimeout(TimeoutError):
@@ -80,3 +80,17 @@ def check_parity(workers: list, probe: dict, reference: list[float], tolerance: 
         raise RuntimeError(f"weight sync parity check failed: max |learner - vLLM| logprob per worker {diffs} "
                            f"> cluster.sync_parity_tolerance={tolerance}")
     return max(diffs, default=0.0)
+
+
+def wait_until_alive(actor, deadline: float) -> None:
+    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
+                               "deadline (cluster.call_timeout_s)")
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=left)
+            return
+        except (ActorUnavailableError, GetTimeoutError):
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

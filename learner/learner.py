@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import socket
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +45,7 @@ from learner.batch import collate, model_inputs, token_logprobs  # noqa: E402
 from learner.grpo import policy_loss  # noqa: E402
 from learner.weights import checkpoint_names, param_bytes, plan_buckets, write_index, write_shard  # noqa: E402
 from policy.prompt import chat_prompt  # noqa: E402
+from rollout.broadcast import WeightGroup  # noqa: E402
 
 log = logging.getLogger(__name__)
 EXPORT_SHARD_BYTES = 2 * 1024**3
@@ -331,38 +333,77 @@ class Learner:
     def _synced_params(self, trainable_only: bool) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
 
-    def weight_metadata(self, trainable_only: bool = True) -> list[tuple[str, str, list[int]]]:
-        """[(HF checkpoint name, dtype name, full shape)] in weight_buckets order, without gathering
-        anything (what a receiver must know before a broadcast; same format as
-        rollout.vllm_extension.tensor_metadata). Local, not collective."""
-        return [(self.hf_names[n], str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
-                for n, p in self._synced_params(trainable_only)]
+    def weight_plan(self, bucket_bytes: int, trainable_only: bool = True) -> list[list[tuple[str, str, list[int]]]]:
+        """The buckets ``weight_buckets`` and ``broadcast_weights`` send, as lists of (HF checkpoint name,
+        dtype name, full shape), without gathering anything: what a receiver must know before a
+        broadcast (rollout/broadcast.py). Local, not collective."""
+        return [[(self.hf_names[n], str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+                 for n, p in bucket] for bucket in plan_buckets(self._synced_params(trainable_only), bucket_bytes)]
+
+    def _gathered_buckets(self, bucket_bytes: int, trainable_only: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Per bucket of ``weight_plan``, (HF name, full parameter) on rank 0 ([] on other ranks), valid until
+        the next item: under ZeRO-3 the bucket is gathered around the yield and released after it, on every
+        rank (collective), so no rank ever holds more than one bucket of gathered weights."""
+        for bucket in plan_buckets(self._synced_params(trainable_only), bucket_bytes):
+            if self.cfg.learner.zero_stage == 3:
+                with GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                    yield [(self.hf_names[n], p.data) for n, p in bucket] if self.rank == 0 else []
+            else:
+                yield [(self.hf_names[n], p.data) for n, p in bucket] if self.rank == 0 else []
 
     def weight_buckets(self, bucket_bytes: int, trainable_only: bool = True,
                        device: str | torch.device = "cpu") -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Yields lists of (HF checkpoint name, tensor) of about bucket_bytes each, in module order.
 
         trainable_only: skip frozen parameters (the vision tower with learner.freeze_vision).
-        Tensors are detached, contiguous copies on ``device`` (CPU by default; the learner's own
-        device for a GPU-to-GPU broadcast). Under ZeRO-3 each bucket's parameters are gathered,
-        copied and released before the next bucket (never the whole model at once); this is
-        collective, so every rank must iterate the generator concurrently. Only rank 0 receives
-        tensors; other ranks get one empty list per bucket.
+        Tensors are detached, contiguous copies on ``device`` (CPU by default). Under ZeRO-3 each
+        bucket's parameters are gathered, copied and released before the next bucket (never the whole
+        model at once); this is collective, so every rank must iterate the generator concurrently.
+        Only rank 0 receives tensors; other ranks get one empty list per bucket.
         """
-        zero3 = self.cfg.learner.zero_stage == 3
+        for bucket in self._gathered_buckets(bucket_bytes, trainable_only):
+            yield [(name, t.detach().to(device, copy=True).contiguous()) for name, t in bucket]
 
-        def copy(bucket):
-            return [(self.hf_names[n], p.detach().to(device, copy=True).contiguous()) for n, p in bucket]
+    # ------------------------------------------------------------------ weight broadcast (rollout/broadcast.py)
 
-        for bucket in plan_buckets(self._synced_params(trainable_only), bucket_bytes):
-            tensors = []
-            if zero3:
-                with GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                    if self.rank == 0:
-                        tensors = copy(bucket)
-            elif self.rank == 0:
-                tensors = copy(bucket)
-            yield tensors
+    def weight_group_address(self) -> tuple[str, int]:
+        """(this node's address, a free port) for the broadcast group's store, which rank 0 serves."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return os.environ["MASTER_ADDR"], s.getsockname()[1]
+
+    def join_weight_group(self, address: str, port: int, world_size: int, timeout_s: float, epoch: int) -> None:
+        """Rank 0 joins the broadcast group as its sender (group rank 0); blocks until every rollout
+        process joined. Other ranks are not members (they only help gather under ZeRO-3)."""
+        if self.rank == 0:
+            self._weight_group = None  # the previous membership's group is dropped first
+            self._weight_group = WeightGroup(address, port, 0, world_size, timeout_s, epoch, self.device)
+
+    def broadcast_weights(self, bucket_bytes: int, keep: bool = False) -> Iterator:
+        """Sends the trainable weights to the broadcast group, bucket by bucket (``weight_plan`` order).
+        Collective over the learner ranks (ZeRO-3 gathers each bucket on all of them); rank 0 sends.
+
+        Rank 0 yields each bucket's checksum, and with ``keep`` then the bucket itself as (name, tensor)
+        on the host (the driver keeps those to resync a restarted worker without this learner); other
+        ranks yield nothing. A failed broadcast (a member hung or died) drops the group and raises.
+        """
+        group = getattr(self, "_weight_group", None)
+        if self.rank == 0 and group is None:
+            raise RuntimeError("broadcast_weights: learner rank 0 is in no broadcast group")
+        plan, error = self.weight_plan(bucket_bytes), None
+        for tensors, bucket in zip(self._gathered_buckets(bucket_bytes, True), plan, strict=True):
+            if self.rank != 0 or error is not None:
+                continue  # after a failure rank 0 still takes part in every gather: no rank is left waiting
+            try:
+                total = group.send(tensors, bucket)
+            except Exception as exc:
+                error, self._weight_group = exc, None
+                continue
+            yield total
+            if keep:
+                yield [(name, t.detach().to("cpu", copy=True).contiguous()) for name, t in tensors]
+        if error is not None:
+            raise error
 
     def export_hf(self, out_dir: str | Path) -> None:
         """Writes an HF directory (safetensors shards, config, processor/tokenizer) of the current policy.

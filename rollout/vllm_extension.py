@@ -24,8 +24,9 @@ Names are Hugging Face checkpoint names, either layout: transformers 5 ``named_p
 checkpoint's (``model.layers.0...``, ``visual...``); vLLM's Qwen2.5-VL name mapper takes both and
 fuses q/k/v and gate/up itself.
 
-This is the host-memory path (CPU, or a GPU engine fed tensors by RPC). The GPU path is NCCL, at
-the end of this file: its receiving side is vLLM's own weight-transfer engine, not these methods.
+The same session takes buckets from the broadcast group (``rollout.weight_sync=collective``,
+rollout/broadcast.py): ``join_weight_group`` once per membership, then ``receive_weights`` per sync
+runs the whole session with the buckets as they arrive.
 """
 from __future__ import annotations
 
@@ -80,6 +81,46 @@ class WeightSyncExtension:
             layerwise_log.setLevel(level)
         self._loaded_weight_version = version
 
+    # -- collective path (rollout/broadcast.py) ----------------------------------------------------
+    def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
+                          epoch: int) -> None:
+        """Joins the broadcast group as rank ``rank_offset`` + this worker's tensor-parallel rank; blocks
+        until every member joined (the driver calls all members at once)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from rollout.broadcast import WeightGroup
+
+        self._weight_group = None  # a previous membership's group is dropped first
+        self._weight_group = WeightGroup(address, port, rank_offset + get_tensor_model_parallel_rank(),
+                                         world_size, timeout_s, epoch, self.device)
+
+    def weight_group_epoch(self) -> int | None:
+        group = getattr(self, "_weight_group", None)
+        return None if group is None else group.epoch
+
+    def receive_weights(self, plan: list, version: int) -> list[int]:
+        """One whole update from the broadcast group: every bucket of ``plan`` (lists of (name, dtype,
+        shape), in send order) received and loaded in one session; returns the buckets' checksums.
+        On failure (a peer hung or died) the group is dropped and the session closed, and the error
+        raised: the layers it touched hold mixed weights until the driver's next full update."""
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("receive_weights: this vLLM worker is in no broadcast group (restarted since "
+                               "the group was built)")
+        self.begin_weight_load()
+        sums = []
+        try:
+            for bucket in plan:
+                tensors, total = group.receive(bucket)
+                sums.append(total)
+                self.load_weights(tensors)
+        except BaseException:
+            self._weight_group = None
+            self.end_weight_load(-1)
+            raise
+        self.end_weight_load(version)
+        return sums
+
     def reseed(self, seed: int) -> None:
         """Reseeds the generators the sampler draws from when requests carry no seed of their own."""
         import random
@@ -93,49 +134,3 @@ class WeightSyncExtension:
     def weight_version(self) -> int:
         """Version passed to the last ``end_weight_load`` (0: the weights the engine started with)."""
         return getattr(self, "_loaded_weight_version", 0)
-
-
-# ---------------------------------------------------------------------- GPU path: NCCL broadcast
-# GPU PATH, UNTESTED ON CPU (NCCL needs CUDA; the development machines have none).
-#
-# Learner rank 0 broadcasts HF-named tensors to every vLLM GPU worker. Receivers are vLLM 0.32's
-# own NCCL weight-transfer engine (``WeightTransferConfig(backend="nccl")``, enabled by
-# rollout.weight_sync=nccl), driven by ``RolloutWorker.init_weight_broadcast`` and
-# ``RolloutWorker.receive_weight_broadcast``. The group is vLLM's StatelessProcessGroup +
-# PyNcclCommunicator: it does not touch torch.distributed, so DeepSpeed's groups are unaffected.
-#
-#   group of world_size = 1 + rollout_workers * tensor_parallel_size ranks:
-#     rank 0                          learner rank 0 (sender)
-#     ranks 1 + i*tp .. i*tp + tp     rollout worker i's vLLM GPU workers (rank_offset = 1 + i*tp)
-#
-# Once, concurrently (each side blocks until all members joined):
-#   learner rank 0: group = open_sender(addr, port, world_size)
-#   rollout i:      worker.init_weight_broadcast(addr, port, 1 + i*tp, world_size)
-# Each sync, concurrently:
-#   learner rank 0: broadcast_weights(group, named_tensors)            # e.g. per ZeRO-3 gather bucket
-#   rollout i:      worker.receive_weight_broadcast(metadata, version)  # metadata = tensor_metadata(...)
-# The metadata lists every tensor of the update in send order. It is known before any gather (names,
-# dtypes and full shapes of the learner's parameters), so one receive call covers all buckets.
-# Other learner ranks take part only in their own ZeRO gathers.
-
-
-def tensor_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, list[int]]]:
-    """[(name, dtype name, full shape)] in send order: what receive_weight_broadcast expects."""
-    return [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in named_tensors]
-
-
-def open_sender(master_address: str, master_port: int, world_size: int):
-    """Learner rank 0 joins the group as rank 0 on its current CUDA device; returns the communicator."""
-    from vllm.distributed.weight_transfer.nccl_common import trainer_init
-
-    return trainer_init({"master_address": master_address, "master_port": master_port,
-                         "world_size": world_size}, rank=0)
-
-
-def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Sends each tensor (already gathered to full shape, on this GPU) in metadata order."""
-    stream = torch.cuda.current_stream()
-    for _, tensor in named_tensors:
-        # NCCL reads numel elements from data_ptr(): a non-contiguous view would send garbage.
-        group.broadcast(tensor.contiguous(), src=0, stream=stream)
-    stream.synchronize()

@@ -64,10 +64,6 @@ class RolloutWorker:
             engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization)
             if r.tensor_parallel_size > 1:  # TP workers as Ray actors in this engine's placement group
                 engine_args["distributed_executor_backend"] = "ray"
-            if r.weight_sync == "nccl":
-                from vllm.config import WeightTransferConfig
-
-                engine_args["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
         else:
             # What VLLM_CPU_KVCACHE_SPACE sets, without the env var and with fractional GiB.
             engine_args["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
@@ -213,30 +209,30 @@ class RolloutWorker:
         log.info("weights v%d loaded: %.1f MB in %.2f s", version, n_bytes / 1e6, time.perf_counter() - start)
         return n_bytes
 
-    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int,
-                              world_size: int) -> None:
-        """GPU path (rollout.weight_sync=nccl; untested on CPU): joins the NCCL group of learner
-        rank 0 (rank 0) and all rollout GPUs. This engine's workers take ranks rank_offset ..
-        rank_offset + tensor_parallel_size - 1. Blocks until every member joined, so the driver
-        calls it on all workers while learner rank 0 calls ``vllm_extension.open_sender``."""
-        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": dict(
-            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
-            world_size=world_size, packed=False)})
+    def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
+                          epoch: int) -> None:
+        """rollout.weight_sync=collective: this engine's vLLM worker processes join the broadcast group
+        (rollout/broadcast.py) as ranks rank_offset .. rank_offset + tensor_parallel_size - 1. Blocks
+        until every member joined: the driver calls every member at once."""
+        self.llm.collective_rpc("join_weight_group", args=(address, port, rank_offset, world_size, timeout_s, epoch))
 
-    def receive_weight_broadcast(self, metadata: list[tuple[str, str, list[int]]], version: int) -> None:
-        """GPU path (untested on CPU): receives one full update broadcast by learner rank 0.
+    def weight_group_epoch(self) -> int | None:
+        """The membership epoch of the group every vLLM worker process is in (None: not all in one)."""
+        epochs = set(self.llm.collective_rpc("weight_group_epoch"))
+        return epochs.pop() if len(epochs) == 1 else None
 
-        ``metadata`` = [(HF name, dtype name e.g. "bfloat16", shape)] in exactly the order
-        ``vllm_extension.broadcast_weights`` sends them (``vllm_extension.tensor_metadata``).
-        Runs concurrently with the sender; vLLM's NCCL engine receives each tensor into a fresh
-        buffer and loads it inside one layerwise-reload session (same rules as load_weights).
-        """
-        names, dtypes, shapes = (list(column) for column in zip(*metadata))
-        self.llm.collective_rpc("start_weight_update")
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": dict(
-            names=names, dtype_names=dtypes, shapes=shapes)})
-        self.llm.collective_rpc("finish_weight_update")
-        self.commit_weights(version)
+    def receive_weights(self, plan: list, version: int) -> list[list[int]]:
+        """One whole update from the broadcast group (learner rank 0 sends ``plan``'s buckets at the
+        same time), then the caches are dropped as in ``commit_weights``. Returns each vLLM worker
+        process's checksums of the buckets it received, for the driver to compare with the sender's."""
+        if self._update_open:
+            raise RuntimeError("receive_weights: an RPC weight update is open")
+        start = time.perf_counter()
+        sums = self.llm.collective_rpc("receive_weights", args=(plan, version))
+        self._reset_caches()
+        self.weight_version = version
+        log.info("weights v%d received from the broadcast group in %.2f s", version, time.perf_counter() - start)
+        return sums
 
     def _reset_caches(self) -> None:
         self.llm.reset_prefix_cache()

@@ -113,6 +113,9 @@ def test_weight_buckets_every_param_once_in_order(learner, policy_dir):
     largest = max(p.numel() * p.element_size() for _, p in params)
     for bucket_bytes in (1, 4096, 100_000, largest, 1 << 40):
         buckets = list(learner.weight_buckets(bucket_bytes, trainable_only=False))
+        # the plan a broadcast receiver gets beforehand: the same buckets, dtypes and shapes
+        assert learner.weight_plan(bucket_bytes, trainable_only=False) == [
+            [(k, str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in b] for b in buckets]
         names = [k for b in buckets for k, _ in b]
         assert names == expected
         for b in buckets:
@@ -128,8 +131,6 @@ def test_weight_buckets_every_param_once_in_order(learner, policy_dir):
     weights = _all_weights(learner)
     for k, t in weights.items():
         assert torch.equal(t, original[k]), k
-    meta = learner.weight_metadata(trainable_only=False)
-    assert meta == [(k, str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in weights.items()]
 
 
 def test_train_step_moves_logprobs_along_advantages(learner):

@@ -81,7 +81,7 @@ def _rank_main(rank, world_size, port, policy_dir, out_dir):
                   largest_param=max(p.ds_numel * p.element_size() for p in learner.model.parameters()))
     if rank == 0:
         result["weights"] = {k: v for b in buckets for k, v in b}
-    result["metadata"] = learner.weight_metadata(trainable_only=False)
+    result["metadata"] = learner.weight_plan(BUCKET_BYTES, trainable_only=False)
 
     # ---- ZeRO-3 export and checkpoint round trip (both collective).
     learner.export_hf(os.path.join(out_dir, f"hf{world_size}"))
@@ -173,9 +173,11 @@ def test_zero3_weight_buckets_gather_one_bucket_at_a_time(runs):
         assert set(two["weights"]) == set(f.keys())
     for k, v in one["weights"].items():
         assert torch.allclose(two["weights"][k], v, atol=1e-5), k
-    # The metadata a broadcast receiver needs, known on every rank without gathering.
+    # The plan a broadcast receiver needs (buckets of full shapes), known on every rank without gathering.
     want = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in two["weights"].items()]
-    assert two["metadata"] == two_b["metadata"] == want
+    assert two["metadata"] == two_b["metadata"]
+    assert [entry for bucket in two["metadata"] for entry in bucket] == want
+    assert [len(bucket) for bucket in two["metadata"]] == two["bucket_sizes"]
 
 
 def test_zero3_export_and_checkpoint(runs):

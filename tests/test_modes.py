@@ -8,7 +8,8 @@ once, which weight version; a violation fails the job), and each test asserts: e
 each step either trained exactly G sequences per prompt, each once, or was skipped by dynamic sampling
 after its refills; the weight version counts the updates; reward terms that are not all zero after
 the warm start; on-policy, the learner's logprobs of the sampled tokens match vLLM's (``logprob_drift``);
-off-policy, staleness at most one version. ``--resume`` rows crash right after the step-2 checkpoint
+off-policy, staleness at most one version; after every weight sync the parity probe passed on every
+rollout worker (``sync/parity_max_diff``, checked by the job itself). ``--resume`` rows crash right after the step-2 checkpoint
 and resume from it. The jobs share one local Ray; each starts and stops its own actors.
 """
 import itertools
@@ -45,28 +46,30 @@ LEVELS = {
     "learner.clip_ratio_c": ["null", "3.0"],
     "learner.lr_schedule": ["cosine", "constant"],
     "eval.keep_best": ["true", "false"],
+    "rollout.weight_sync": ["rpc", "collective"],
 }
 # One row per job: the level index of each switch above, in order (a pairwise covering array).
 DESIGN = [
-    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0],
-    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
-    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1],
-    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1],
-    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
-    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1],
-    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0],
-    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1],
-    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1],
-    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0],
-    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
 # launch.py job, 80 steps), and runs 2 warm-start steps of its own (export, KL reference, sync).
 COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8", "train.sft_lr=1e-5", "learner.warmup_steps=5",
           "learner.lr=1e-4", "data.synthetic_train_size=128", "data.synthetic_eval_size=4", "eval.num_samples=4",
           f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
-          "rollout.max_refills=2", "tracking.system_metrics=false", "tracking.log_model=false"]
+          "rollout.max_refills=2", "tracking.system_metrics=false", "tracking.log_model=false",
+          "cluster.sync_parity_check=true"]
 WARM_START = ["train.steps=1", "train.sft_steps=80", "train.sft_batch_size=8", "train.sft_lr=2e-3",
               "learner.warmup_steps=5", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
               f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
@@ -181,6 +184,10 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
     # The learning rate of the i-th update follows the schedule by optimizer step (resume included).
     for i, step in enumerate(trained):
         assert every["lr"][step] == pytest.approx(cfg.learner.lr * lr_factor(cfg.train.sft_steps + i, cfg), rel=1e-6)
+    # Every sync reached every rollout worker with the learner's weights (the job checks the probe itself).
+    assert max(every["sync/parity_max_diff"].values()) <= cfg.cluster.sync_parity_tolerance
+    if settings["rollout.weight_sync"] == "collective":  # one group, built at the first sync, reused by every step
+        assert set(every["sync/group_rebuilds"].values()) == {0}
     assert (tmp_path / "best_policy" / "best.json").exists() == cfg.eval.keep_best
     assert ("best/step" in every) == cfg.eval.keep_best
     assert every["pool/rollout_workers"][1] == cfg.cluster.rollout_workers

@@ -217,6 +217,47 @@ def test_update_changes_generation(worker, hf, prompt, monkeypatch):
             assert min(r["logprobs"]) > -1e-6
 
 
+def test_broadcast_group_update_parity(worker, hf, prompt):
+    """rollout.weight_sync=collective's receiving side: the engine joins a gloo broadcast group with a
+    sender (learner rank 0's code path, rollout/broadcast.py, here in a thread), receives perturbed
+    weights in buckets that split decoder layers, and serves exactly them; checksums agree."""
+    import socket
+    import threading
+
+    from rollout.broadcast import WeightGroup
+
+    model, processor = hf
+    perturbed = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tensors = named_tensors(perturbed)
+    buckets = [tensors[i:i + 7] for i in range(0, len(tensors), 7)]
+    plan = [[(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in b] for b in buckets]
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    sent = []
+
+    def sender():
+        group = WeightGroup("127.0.0.1", port, 0, 2, 60, epoch=5, device=torch.device("cpu"))
+        sent.extend(group.send(b, bucket) for b, bucket in zip(buckets, plan))
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    worker.join_weight_group("127.0.0.1", port, 1, 2, 60, 5)
+    assert worker.weight_group_epoch() == 5
+    received = worker.receive_weights(plan, version=4)
+    thread.join(60)
+    assert received == [sent] and len(sent) == len(buckets)
+    assert worker.weight_version == 4 and worker.llm.collective_rpc("weight_version") == [4]
+    answer = processor.tokenizer.encode(ANSWER, add_special_tokens=False)
+    after = hf_logprobs(perturbed, processor, prompt, answer)
+    assert max_diff(after, hf_logprobs(model, processor, prompt, answer)) > 0.1
+    assert max_diff(worker.probe_logprobs(prompt, answer), after) < LOGPROB_TOL
+
+
 def test_restoring_checkpoint_weights_restores_logprobs(worker, hf, prompt, policy_dir):
     """Checkpoint names (model.layers.*, visual.*) load as well as transformers' (model.language_model.*)."""
     from safetensors.torch import load_file

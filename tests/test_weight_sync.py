@@ -3,8 +3,9 @@ cluster.learners.LearnerGroup as a job does): LearnerGroup.weight_bucket_refs + 
 and RolloutGroup.sync_from / resync.
 
 The receivers are recording actors with RolloutWorker's weight interface (load_weights(bucket) ->
-bytes, commit_weights(version) -> version): they show exactly which tensors arrive in which bucket,
-and they can hang or misreport on purpose. The real vLLM receiving side is tested in test_rollout.py,
+bytes, commit_weights(version) -> version; for rollout.weight_sync=collective also join_weight_group,
+weight_group_epoch, receive_weights, receiving through rollout/broadcast.py as vLLM's worker does):
+they show exactly which tensors arrive in which bucket, and they can hang, misreport or corrupt on purpose. The real vLLM receiving side is tested in test_rollout.py,
 the whole loop with real rollout workers in test_launch.py and test_modes.py.
 """
 import socket
@@ -20,6 +21,7 @@ ray = pytest.importorskip("ray")
 
 from cluster.learners import LearnerGroup  # noqa: E402
 from cluster.rollout import RolloutGroup  # noqa: E402
+from cluster.broadcast import WeightChecksumError  # noqa: E402
 from cluster.weight_sync import push_weights, sync_timeout  # noqa: E402
 from config import REPO, Config  # noqa: E402
 from policy.prompt import chat_prompt  # noqa: E402
@@ -152,10 +154,11 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 # The tiny policy's largest tensors (embedding, lm_head) are 1344 x 128 fp32 = 688 KiB.
-def rollout_group(learners, workers, sync_timeout_s=300.0):
+def rollout_group(learners, workers, sync_timeout_s=300.0, weight_sync="rpc"):
     """A RolloutGroup whose workers are the given receivers (no vLLM engine)."""
     cfg = learners.cfg.model_copy(deep=True)
     cfg.cluster.sync_timeout_s = sync_timeout_s
+    cfg.rollout.weight_sync = weight_sync
     group = RolloutGroup(cfg, "unused", reward_pool=None, count=0)
     group.workers = list(workers)
     return group
@@ -245,3 +248,156 @@ def test_resync_serves_the_synced_version_without_the_busy_learner(learners, rec
     group.sync_from(learners, version=6)
     moved = [t for bucket in ray.get(a.received.remote()) for _, t in bucket]
     assert any(not torch.equal(x, y) for x, (_, y) in zip(moved, synced))  # the update did change the weights
+
+
+# ---------------------------------------------------------------- rollout.weight_sync=collective
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class GroupReceiver(Receiver.__ray_actor_class__):
+    """Receiver that also takes part in the broadcast group, as vLLM's worker extension does
+    (rollout/broadcast.py). Restarted by Ray when killed (a fresh one: no group, nothing received).
+    ``set_mode``: "hang" = receive_weights never returns; "corrupt" = one byte of bucket 1 flips on
+    arrival, before the checksum (what a buffer read before its transfer ends looks like)."""
+
+    def __init__(self):
+        super().__init__("ok")
+        self.group = None
+        self.version = 0
+
+    def set_mode(self, mode):
+        self.mode = mode
+
+    def join_weight_group(self, address, port, rank_offset, world_size, timeout_s, epoch):
+        from rollout.broadcast import WeightGroup
+
+        self.group = None
+        self.group = WeightGroup(address, port, rank_offset, world_size, timeout_s, epoch, torch.device("cpu"))
+
+    def weight_group_epoch(self):
+        return None if self.group is None else self.group.epoch
+
+    def receive_weights(self, plan, version):
+        from rollout.broadcast import checksum, layout, unpack
+
+        if self.mode == "hang":
+            threading.Event().wait()
+        sums, buckets = [], []
+        for k, bucket in enumerate(plan):
+            slots, size = layout(bucket)
+            buffer = torch.empty(size, dtype=torch.uint8)
+            self.group.broadcast(buffer)
+            if self.mode == "corrupt" and k == 1:
+                buffer[slots[0].offset] ^= 1
+            sums.append(checksum(buffer))
+            buckets.append([(name, t.clone()) for name, t in unpack(buffer, slots)])
+        self.buckets, self.version = buckets, version
+        return [sums]
+
+    def commit_weights(self, version):
+        self.version = version
+        return version
+
+    def state(self):
+        return self.version, self.weight_group_epoch(), self.buckets
+
+
+def learner_weights(learners) -> list:
+    """The learner's current trainable weights, over RPC, as (name, tensor) in send order."""
+    deadline, err = time.monotonic() + 300, sync_timeout(0, 300)
+    return [(n, t) for ref in learners.weight_bucket_refs(learners.cfg.cluster.sync_bucket_mb << 20, deadline, err)
+            for n, t in ray.get(ref)]
+
+
+def assert_holds(receiver, version, weights):
+    got_version, _, buckets = ray.get(receiver.state.remote())
+    received = [(n, t) for bucket in buckets for n, t in bucket]
+    assert got_version == version
+    assert [n for n, _ in received] == [n for n, _ in weights]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(received, weights))
+
+
+@pytest.fixture(scope="module")
+def members():
+    actors = [GroupReceiver.remote() for _ in range(3)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    yield actors
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+def test_collective_sync_membership_restart_and_scaling(learners, members, checkpoint):
+    """Every trainable tensor reaches every member through the group, bit for bit, with the sender's
+    checksums; the group is built once and reused; a worker restarted by Ray (no group) and a worker
+    added by scaling (served over RPC first) join at the next sync; after a scale-down no one waits."""
+    a, b, c = members
+    weights = learner_weights(learners)
+    assert [n for n, _ in weights] == checkpoint[0]  # every parameter (freeze_vision is off), module order
+    group = rollout_group(learners, [a, b], weight_sync="collective")
+    first = group.sync_from(learners, version=11)
+    assert first["sync/group_rebuilds"] == 1 and first["sync/worker_restarts"] == 0
+    assert first["sync/bytes"] >= sum(nbytes(t) for _, t in weights)
+    for r in (a, b):
+        assert_holds(r, 11, weights)
+    assert group.synced[1] is None  # synchronous mode keeps no copy in the object store
+    assert group.sync_from(learners, version=12)["sync/group_rebuilds"] == 0  # same members, same group
+    epoch = ray.get(a.weight_group_epoch.remote())
+
+    # Restart: Ray brings b back without a group; the next sync rebuilds the group with it.
+    ray.kill(b, no_restart=False)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(b.state.remote())
+    third = group.sync_from(learners, version=13)
+    assert third["sync/group_rebuilds"] == 1
+    for r in (a, b):
+        assert_holds(r, 13, weights)
+    assert ray.get(b.weight_group_epoch.remote()) == epoch + 1
+
+    # Scale-up: c gets version 13 over RPC at once (from the idle learner), and joins at the next sync.
+    group.workers.append(c)
+    group.resync(c)
+    assert ray.get(c.state.remote())[0] == 13 and ray.get(c.weight_group_epoch.remote()) is None
+    fourth = group.sync_from(learners, version=14)
+    assert fourth["sync/group_rebuilds"] == 1
+    for r in (a, b, c):
+        assert_holds(r, 14, weights)
+
+    # Scale-down: the group of three is dropped for one of two; nobody waits on the removed worker.
+    group.workers.pop()
+    fifth = group.sync_from(learners, version=15)
+    assert fifth["sync/group_rebuilds"] == 1 and fifth["sync/worker_restarts"] == 0
+    assert ray.get(c.state.remote())[0] == 14
+    for r in (a, b):
+        assert_holds(r, 15, weights)
+
+
+@pytest.mark.parametrize("where", ["busy before the sync", "inside the broadcast"])
+def test_collective_hung_worker_is_named_restarted_and_synced(learners, members, caplog, where):
+    """A worker that hangs makes the sync fail within cluster.sync_timeout_s with an error naming it;
+    it is restarted, the group rebuilt, the weights sent again, and the sync returns: the job goes on."""
+    a, b, _ = members
+    weights = learner_weights(learners)
+    group = rollout_group(learners, [a, b], sync_timeout_s=16, weight_sync="collective")
+    group.sync_from(learners, version=20)
+    if where == "busy before the sync":  # e.g. stuck in generation: the barrier never gets an answer
+        gate = Gate.remote()
+        b.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate)
+    else:  # enters the update, never receives: the others fail after half the timeout, b stays silent
+        ray.get(b.set_mode.remote("hang"))
+    with caplog.at_level("ERROR", logger="cluster.broadcast"):
+        metrics = group.sync_from(learners, version=21)
+    assert "rollout workers [1] did not answer within 16 s (cluster.sync_timeout_s: hung)" in caplog.text
+    assert metrics["sync/worker_restarts"] == 1
+    for r in (a, b):
+        assert_holds(r, 21, weights)
+    assert ray.get(b.weight_group_epoch.remote()) == ray.get(a.weight_group_epoch.remote())
+
+
+def test_collective_checksum_mismatch_is_an_error(learners, members):
+    a, b, _ = members
+    group = rollout_group(learners, [a, b], weight_sync="collective")
+    ray.get(b.set_mode.remote("corrupt"))
+    try:
+        with pytest.raises(WeightChecksumError, match=r"rollout worker 1 \(TP rank 0\) received buckets \[1\]"):
+            group.sync_from(learners, version=30)
+    finally:
+        ray.get(b.set_mode.remote("ok"))
