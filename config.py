@@ -256,7 +256,9 @@ class ClusterConfig(Section):
     learner: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per learner rank.")
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
-    sync_timeout_s: float = Field(300.0, gt=0, description="Timeout of one weight sync to all rollout workers.")
+    sync_timeout_s: float = Field(
+        300.0, gt=0, description="Timeout of one weight sync to all rollout workers (rollout.weight_sync=collective: "
+        "each collective operation times out after half of it; a worker still silent at the end is restarted).")
     sync_parity_check: bool = Field(
         False, description="After every weight sync, compare learner and vLLM logprobs of a fixed probe "
         "(held-out prompt + its reference answer); fail the job when they differ by more than the tolerance.")

@@ -12,12 +12,12 @@ The project's own components, built directly (DESIGN §3: learner/, reward/, rol
             data/synthetic.py in Seg-Zero's chat prompt (policy/prompt.py), G copies of each prompt with
             random response token ids, random advantages. One warm-up step, then --steps timed ones.
 3. sync     the updated weights leave the learner two ways, bucket by bucket (--bucket-mb):
-            host:   Learner.weight_buckets (ZeRO-3: gather a bucket, copy to host memory, release), the
-                    tensors the Ray/RPC path hands to rollout workers;
-            device: the NCCL sender loop of rollout/vllm_extension.py (tensor_metadata +
-                    broadcast_weights) on buckets gathered on the learner's device, with an on-device
-                    copy into receiver tensors preallocated from the metadata standing in for NCCL (vLLM
-                    is not installed there). Every received tensor is then compared with the learner's.
+            host:       Learner.weight_buckets (ZeRO-3: gather a bucket, copy to host memory, release),
+                        the tensors the Ray/RPC path hands to rollout workers;
+            collective: Learner.broadcast_weights through rollout/broadcast.py's group into a second
+                        process that receives as a vLLM worker does (gloo on CPU; NCCL on GPU, which
+                        needs a second GPU: NCCL puts no two ranks of one group on one GPU). The
+                        receiver's checksum of every bucket must equal the sender's.
 4. reward   reward.worker.RewardWorker with SAM2 (hiera-L on GPU, hiera-T on CPU; random weights) scores
             --groups groups of G = 8 answers that parse, one new image per group (an embedding-cache
             miss each: one image encoding + one batched decode of the G prompts per group), after
@@ -37,7 +37,7 @@ Numbers (per ZeRO stage unless noted):
                     Not counted: attention scores (quadratic in length), the KL reference's forward,
                     recomputation: a model-FLOPs (MFU-style) figure, not hardware FLOPs.
     sync GB/s       bytes of the trainable weights / seconds from the first gather to the last tensor
-                    delivered (host: in host memory; device: in the receiver tensors).
+                    delivered (host: in host memory; collective: in the receiving process).
     reward samples/s  G * groups / seconds to score the groups (rules + SAM2 + mask IoU).
 
 Run here (CPU, tiny sizes, what tests/test_gpu_check.py runs):
@@ -170,50 +170,33 @@ def param_counts(model) -> dict[str, int]:
             "embed_params": numel(embed), "body_params": n_all - n_vis - n_merger - numel(head) - numel(embed)}
 
 
-def device_buckets(learner, bucket_bytes: int):
-    """Learner.weight_buckets' buckets (same plan, names, order), left on the learner's device:
-    the NCCL sender broadcasts GPU tensors. ZeRO-3: each bucket is gathered while it is used."""
-    from deepspeed.runtime.zero import GatheredParameters
+def receive_weights(address: str, port: int, device: str, plan: list, queue) -> None:
+    """The receiving end of the broadcast group in its own process (rollout/broadcast.py, as a vLLM
+    worker runs it, minus the engine): every bucket of ``plan``; puts (checksums, time.time() at the end)."""
+    import torch
 
-    from learner.weights import plan_buckets
+    from rollout.broadcast import WeightGroup
 
-    params = [(n, p) for n, p in learner.model.named_parameters() if p.requires_grad]
-    for bucket in plan_buckets(params, bucket_bytes):
-        if learner.cfg.learner.zero_stage == 3:
-            with GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                yield [(learner.hf_names[n], p.data) for n, p in bucket]
-        else:
-            yield [(learner.hf_names[n], p.data) for n, p in bucket]
-
-
-class CopyReceiver:
-    """Stands in for the NCCL communicator that rollout/vllm_extension.broadcast_weights sends through:
-    each broadcast tensor is "received" by an on-device copy into the next receiver tensor, which were
-    allocated up front from tensor_metadata as vLLM's receiving side does. An on-device copy is the
-    ceiling of the transport; NCCL between GPUs (NVLink) moves less."""
-
-    def __init__(self, metadata: list[tuple[str, str, list[int]]], device):
-        import torch
-
-        self.names = [name for name, _, _ in metadata]
-        self.buffers = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for _, dtype, shape in metadata]
-        self.received = 0
-
-    def broadcast(self, tensor, src: int, stream=None) -> None:
-        buffer = self.buffers[self.received]
-        if src != 0 or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            raise RuntimeError(f"tensor {self.received} ({self.names[self.received]}): got {tuple(tensor.shape)} "
-                               f"{tensor.dtype} from rank {src}, expected {tuple(buffer.shape)} {buffer.dtype}")
-        buffer.copy_(tensor, non_blocking=True)
-        self.received += 1
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    group = WeightGroup(address, port, 1, 2, 300, epoch=1, device=torch.device(device))
+    sums = [group.receive(bucket)[1] for bucket in plan]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    queue.put((sums, time.time()))
 
 
 def measure_sync(learner, bucket_bytes: int) -> dict[str, float]:
-    """Host path (Learner.weight_buckets) and device path (vllm_extension sender loop), one warm-up
-    pass each, then one timed pass; the device copy is checked tensor by tensor afterwards."""
+    """Host path (Learner.weight_buckets, what the RPC path hands to Ray) and the collective path
+    (Learner.broadcast_weights into a second process through rollout/broadcast.py's group: gloo on CPU,
+    NCCL between two GPUs), one warm-up pass each, then one timed pass; the receiver's checksums of
+    every bucket must equal the sender's. NCCL cannot put two ranks of one group on one GPU: with a
+    single GPU the collective part is skipped (reported as such)."""
+    import multiprocessing
+
     import torch
 
-    from rollout.vllm_extension import broadcast_weights, tensor_metadata
+    from rollout.broadcast import WeightGroup
 
     def host_pass() -> tuple[int, int]:
         n_bytes = n_buckets = 0
@@ -226,40 +209,31 @@ def measure_sync(learner, bucket_bytes: int) -> dict[str, float]:
     start = sync_seconds()
     host_bytes, n_buckets = host_pass()
     host_s = sync_seconds() - start
+    plan = learner.weight_plan(bucket_bytes)
+    result = {"sync_bytes": host_bytes, "sync_tensors": sum(len(b) for b in plan), "sync_buckets": n_buckets,
+              "sync_host_s": host_s, "sync_host_gbps": host_bytes / host_s / 1e9}
 
-    params = [(learner.hf_names[n], torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
-              for n, p in learner.model.named_parameters() if p.requires_grad]
-    metadata = tensor_metadata(params)
-    receiver = CopyReceiver(metadata, learner.device)
-
-    def device_pass() -> int:
-        receiver.received, n_bytes = 0, 0
-        for bucket in device_buckets(learner, bucket_bytes):
-            if learner.device.type == "cuda":
-                broadcast_weights(receiver, bucket)  # the GPU sender loop, as it is
-            else:  # its loop without the CUDA stream, which a CPU-only torch cannot give
-                for _, tensor in bucket:
-                    receiver.broadcast(tensor.contiguous(), src=0)
-            n_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        return n_bytes
-
-    device_pass()
-    start = sync_seconds()
-    device_bytes = device_pass()
-    device_s = sync_seconds() - start
-
-    if receiver.received != len(metadata) or host_bytes != device_bytes:
-        raise RuntimeError(f"device sync delivered {receiver.received}/{len(metadata)} tensors, "
-                           f"{device_bytes} bytes (host path: {host_bytes})")
-    i = 0
-    for bucket in device_buckets(learner, bucket_bytes):
-        for name, tensor in bucket:
-            if not torch.equal(receiver.buffers[i], tensor):
-                raise RuntimeError(f"device sync: received {name} differs from the learner's")
-            i += 1
-    return {"sync_bytes": host_bytes, "sync_tensors": len(metadata), "sync_buckets": n_buckets,
-            "sync_host_s": host_s, "sync_host_gbps": host_bytes / host_s / 1e9,
-            "sync_device_s": device_s, "sync_device_gbps": device_bytes / device_s / 1e9}
+    if learner.device.type == "cuda" and torch.cuda.device_count() < 2:
+        result["sync_collective_skipped"] = "NCCL needs a GPU per rank, this machine has one"
+        return result
+    receiver_device = "cuda:1" if learner.device.type == "cuda" else "cpu"
+    context = multiprocessing.get_context("spawn")
+    for timed in (False, True):
+        port, queue = free_port(), context.Queue()
+        receiver = context.Process(target=receive_weights, args=("127.0.0.1", port, receiver_device, plan, queue))
+        receiver.start()
+        learner.join_weight_group("127.0.0.1", port, 2, 300, epoch=1)
+        start_wall, start = time.time(), sync_seconds()
+        sent = list(learner.broadcast_weights(bucket_bytes))
+        sender_s = sync_seconds() - start
+        received, end_wall = queue.get(timeout=300)
+        receiver.join(60)
+        if received != sent:
+            raise RuntimeError(f"collective sync: receiver checksums differ from the sender's in buckets "
+                               f"{[k for k, (a, b) in enumerate(zip(sent, received)) if a != b]}")
+    collective_s = max(sender_s, end_wall - start_wall)
+    result.update(sync_collective_s=collective_s, sync_collective_gbps=host_bytes / collective_s / 1e9)
+    return result
 
 
 def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: str) -> None:
@@ -414,7 +388,8 @@ def print_table(report: dict) -> None:
             ("", "model TFLOP/s (6*N*T)", f"{r[z + 'model_tflops']:.4g}"),
             ("", "peak memory GiB", f"{r[z + 'peak_mem_gib']:.1f}"),
             (f"sync ZeRO-{stage}", "host: weight_buckets GB/s", f"{r[z + 'sync_host_gbps']:.2f}"),
-            ("", "device: vllm_extension loop GB/s", f"{r[z + 'sync_device_gbps']:.2f}"),
+            ("", "collective: broadcast_weights GB/s", f"{r[z + 'sync_collective_gbps']:.2f}"
+             if z + "sync_collective_gbps" in r else "skipped: " + r.get(z + "sync_collective_skipped", "")[:27]),
             ("", "bytes / tensors / buckets",
              f"{r[z + 'sync_bytes'] / 1e9:.3f} GB / {r[z + 'sync_tensors']} / {r[z + 'sync_buckets']}"),
         ]

@@ -106,11 +106,11 @@ class RolloutGroup:
         is kept for ``resync``: RPC's buckets, or, collective and one-step off-policy, the same buckets
         put in the object store by the learner as it sends them."""
         c = self.cfg.cluster
-        t0 = time.perf_counter()
         self.learners = learners
         reference = None
         if self.parity_probe is not None:
             reference = learners.logprobs([self.parity_probe], 1.0)[0]
+        t0 = time.perf_counter()
         self.versions.add(version)
         if self.broadcast is None:
             deadline = time.monotonic() + c.sync_timeout_s

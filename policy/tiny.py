@@ -173,13 +173,16 @@ def init_image_retrieval_head(model, n: int, logit_gap: float = 12.0, copy_gain:
 def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size: int = 128,
                       layers: int = 2, heads: int = 2, vision_hidden_size: int = 64,
                       vision_layers: int = 1, seed: int = 0, number_code: bool = False,
-                      position_reader: bool = False) -> Path:
+                      position_reader: bool = False, intermediate_size: int | None = None,
+                      kv_heads: int | None = None) -> Path:
     """Writes config, random weights (safetensors), tokenizer, processor and chat template to out_dir.
 
     number_code: initialise the number tokens' input and output embeddings with a Fourier code of their
     value (``number_code_rows``) instead of noise, so that nearby numbers start out similar.
     position_reader: initialise the vision tower to read the synthetic images' position barcodes
     (``init_position_reader``); needs vision_hidden_size >= 80.
+    intermediate_size, kv_heads: the MLP width (default 2 x hidden_size) and key/value heads (default
+    ``heads``), for policies shaped like a real Qwen2.5-VL (benchmarks/weight_sync.py).
     Idempotent: an existing complete directory built with the same settings is reused.
     """
     import torch
@@ -194,6 +197,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
         settings["number_code"] = True
     if position_reader:
         settings["position_reader"] = True
+    if intermediate_size or kv_heads:
+        settings.update(intermediate_size=intermediate_size, kv_heads=kv_heads)
     marker = out / "tiny_policy.json"
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "model.safetensors").exists():
         return out
@@ -213,8 +218,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
 
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or hidden_size * 2,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
             max_position_embeddings=4096, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],

@@ -35,11 +35,19 @@ def test_dotted_overrides_apply_with_types():
     ("cluster.learner.num_cpus=-1", "cluster.learner.num_cpus"),
     ("data.synthetic_kinds=[all_colour]", "data.synthetic_kinds"),  # several targets under single-object rules
     ("data.synthetic_shapes=[3,2]", "data.synthetic_shapes"),
+    ("rollout.weight_sync=nccl", "rollout.weight_sync"),  # the backend follows the device: collective
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert field in str(err.value)
+
+
+def test_collective_sync_needs_one_kind_of_device():
+    with pytest.raises(ConfigError, match="rollout.weight_sync: collective needs"):
+        load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1"])
+    assert load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1",
+                              "cluster.rollout.num_gpus=1"]).rollout.weight_sync == "collective"
 
 
 def test_synthetic_data_follows_the_rule_set():

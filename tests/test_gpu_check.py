@@ -43,7 +43,7 @@ def test_gpu_check_runs_on_cpu_without_ray_or_vllm(tmp_path, no_ray_no_vllm):
     results = report["results"]
     for stage in report["stages"]:
         for key in ("step_s", "tokens_per_s", "resp_tokens_per_s", "model_tflops", "sync_host_gbps",
-                    "sync_device_gbps"):
+                    "sync_collective_gbps"):
             assert f"zero{stage}_{key}" in results
     for key in ("reward_samples_per_s", "reward_encode_ms", "reward_decode_ms", "policy_params"):
         assert key in results
