@@ -299,6 +299,11 @@ class Config(Section):
             raise ValueError("rollout.weight_sync: collective needs the learner and the rollout workers on the same "
                              "kind of device (one NCCL or one gloo group), got cluster.learner.num_gpus="
                              f"{self.cluster.learner.num_gpus} and cluster.rollout.num_gpus={self.cluster.rollout.num_gpus}")
+        if self.rollout.weight_sync == "collective" and self.cluster.learner.num_gpus > 0 and \
+                min(self.cluster.learner.num_gpus, self.cluster.rollout.num_gpus) < 1:
+            raise ValueError("rollout.weight_sync: collective on GPUs is one NCCL group, and NCCL puts no two ranks of "
+                             "a group on one GPU: cluster.learner.num_gpus and cluster.rollout.num_gpus must be whole "
+                             "GPUs (got fractions); use rpc to share GPUs")
         return self
 
 

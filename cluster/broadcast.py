@@ -73,7 +73,6 @@ class WeightBroadcast:
                 n_bytes, refs, built = self._attempt(learners, workers, version, keep)
                 return BroadcastResult(n_bytes, refs, restarted, rebuilds + built)
             except SyncFailure as failure:
-                rebuilds += 1 if failure.phase != "barrier" else 0
                 self.members = []  # whatever happened, the next attempt builds a new group
                 names = lambda ws: [workers.index(w) for w in ws]  # noqa: E731
                 message = (f"weight sync to version {version} ({failure.phase}): rollout workers {names(failure.hung)} "
@@ -141,12 +140,12 @@ class WeightBroadcast:
                     raise WeightChecksumError(
                         f"weight sync to version {version}: rollout worker {i} (TP rank {tp_rank}) received buckets "
                         f"{bad} with checksums other than learner rank 0 sent (first: {names[:3]}...)")
-        n_bytes = sum(layout(bucket)[1] for bucket in self.plan)
+        n_bytes = sum(slot.nbytes for bucket in self.plan for slot in layout(bucket)[0])  # tensors, not padding
         return n_bytes, (items[1::2] if keep else None), built
 
     def _answers(self, workers: list, refs: list, deadline: float, phase: str, sender=None, cause: str = "") -> list:
-        """Every worker's result, or SyncFailure naming who did not answer by ``deadline`` (hung), died
-        (waited for until Ray restarted it) or raised; the sender's failure is included in the cause."""
+        """Every worker's result, or SyncFailure naming who did not answer by ``deadline`` (hung), died or
+        raised; the sender's failure (``sender``: learner rank 0's call) is included in the cause."""
         ray.wait(refs + ([sender] if sender else []), num_returns=len(refs) + bool(sender),
                  timeout=max(0.0, deadline - time.monotonic()))
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])

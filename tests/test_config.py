@@ -46,6 +46,8 @@ def test_bad_value_names_the_field(override, field):
 def test_collective_sync_needs_one_kind_of_device():
     with pytest.raises(ConfigError, match="rollout.weight_sync: collective needs"):
         load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1"])
+    with pytest.raises(ConfigError, match="NCCL puts no two ranks of a group on one GPU"):
+        load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1", "cluster.rollout.num_gpus=0.5"])
     assert load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1",
                               "cluster.rollout.num_gpus=1"]).rollout.weight_sync == "collective"
 

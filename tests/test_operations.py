@@ -1,7 +1,9 @@
 """Operating a running job (real Ray, vLLM, DeepSpeed, reward pool): a rollout and a reward actor
 SIGKILLed mid-run, both pools scaled 1 -> 2 -> 1 through the job's named controller, in one-step
-off-policy mode. Every action is tied to the job's own progress: the kills and the scaling requests
-are made when the job publishes step 1 and step 2, and the requests name the step they apply to."""
+off-policy mode, with each weight-sync path (rpc; collective: the killed worker and the added one join
+the broadcast group at the next sync). Every action is tied to the job's own progress: the kills and the
+scaling requests are made when the job publishes step 1 and step 2, and the requests name the step they
+apply to. The parity probe runs after every sync, on every worker."""
 import os
 import signal
 import threading
@@ -25,11 +27,12 @@ def kill_one(topology: list[dict], role: str) -> int:
     return pid
 
 
-def test_kills_scaling_and_off_policy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_sync", ["rpc", "collective"])
+def test_kills_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
     import launch
     from cluster.job import Job, connect
 
-    cfg = load_config(None, [
+    cfg = load_config(None, [f"rollout.weight_sync={weight_sync}", "cluster.sync_parity_check=true",
         f"train.output_dir={tmp_path}", f"train.steps={STEPS}", f"rollout.prompts_per_step={B}",
         f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true", "train.sft_steps=0",
         "data.synthetic_train_size=32", "data.synthetic_eval_size=2", "eval.enabled=false",
@@ -74,7 +77,13 @@ def test_kills_scaling_and_off_policy(tmp_path, monkeypatch):
     staleness = history("rollout/staleness")
     assert max(staleness) <= 1 and staleness[0] == 0 and staleness.count(1) >= STEPS - 2  # a redone chunk may be fresher
     assert history("weight_version") == list(range(1, STEPS + 1))
-
+    assert max(history("sync/parity_max_diff")) <= cfg.cluster.sync_parity_tolerance
+    if weight_sync == "collective":
+        # The group is rebuilt whenever its members changed since the last sync: after the scale-up and the
+        # scale-down (applied during steps 2 and 4, before their syncs), and once the killed worker is back;
+        # with the members unchanged (the last step) it is reused.
+        rebuilds = history("sync/group_rebuilds")
+        assert rebuilds[1] == 1 and rebuilds[3] == 1 and rebuilds[5] == 0, rebuilds
 
 def _run(launch, cfg, errors):
     try:

@@ -85,6 +85,16 @@ def hf_logprobs(model, processor, prompt: dict, tokens: list[int]) -> np.ndarray
     return logp.gather(-1, response[0][:, None])[:, 0].numpy()
 
 
+def perturbed_copy(model, seed: int):
+    """The model with N(0, 0.05) noise added to every weight."""
+    perturbed = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return perturbed
+
+
 def named_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return [(name, p.detach().clone()) for name, p in model.named_parameters()]
 
@@ -159,11 +169,7 @@ def test_update_weights_parity_with_perturbed_weights(worker, hf, prompt):
     model, processor = hf
     # The image was encoded with the old weights by the tests above: stale caches would show here.
     worker.generate([prompt], n=1, max_new_tokens=2)
-    perturbed = copy.deepcopy(model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in perturbed.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturbed = perturbed_copy(model, seed=0)
     tensors = named_tensors(perturbed)
     # Streamed as cluster/weight_sync.py does. Buckets of 7 split decoder layers (q/k/v, gate/up)
     # across buckets: the update must still be whole.
@@ -227,11 +233,7 @@ def test_broadcast_group_update_parity(worker, hf, prompt):
     from rollout.broadcast import WeightGroup
 
     model, processor = hf
-    perturbed = copy.deepcopy(model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in perturbed.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturbed = perturbed_copy(model, seed=1)
     tensors = named_tensors(perturbed)
     buckets = [tensors[i:i + 7] for i in range(0, len(tensors), 7)]
     plan = [[(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in b] for b in buckets]
