@@ -265,6 +265,9 @@ class ClusterConfig(Section):
     sync_parity_tolerance: float = Field(
         1e-3, gt=0, description="Max |learner - vLLM| logprob on the probe (fp32 CPU measures ~2e-6; bf16 GPUs need ~0.1).")
     sync_bucket_mb: int = Field(64, ge=1, description="Weight sync bucket size in MiB (tensors sent per transfer).")
+    gpu_memory_gb: float = Field(
+        80.0, gt=0, description="Memory of one GPU in GB, for the start-up plan's checks (python -m cluster.plan): "
+        "a learner rank or vLLM engine that cannot fit stops the job before any actor starts.")
 
 
 class TrackingConfig(Section):

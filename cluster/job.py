@@ -20,6 +20,7 @@ import ray
 from cluster import checkpoint
 from cluster.controller import NAMESPACE, start_controller
 from cluster.learners import LearnerGroup
+from cluster.plan import check as check_plan
 from cluster.reward_pool import RewardPool
 from cluster.rollout import CompletedRound, RolloutGroup, RolloutRound
 from cluster.topology import format_topology, topology
@@ -109,6 +110,8 @@ class Job:
             log.warning("train.output_dir is inside the Ray job's temporary working dir; set train.output_dir="
                         "/an/absolute/path (and tracking.mlflow_uri) to keep checkpoints and the MLflow store")
         policy_path = prepare_policy(cfg)
+        for warning in check_plan(cfg, policy_path).warnings:  # stops here when the job cannot run
+            log.warning("plan: %s (python -m cluster.plan prints the whole plan)", warning)
         train_path, eval_path = prepare_data(cfg)
         eval_samples = held_out_samples(eval_path, cfg.eval.num_samples)
 
