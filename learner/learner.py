@@ -64,6 +64,12 @@ def deepspeed_config(cfg: Config, bf16: bool, with_optimizer: bool = True) -> di
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
     }
+    if bf16 and with_optimizer:
+        # bf16 compute, fp32 gradients: accumulated over micro-batches in fp32 buffers and reduced across
+        # ranks in fp32 (DeepSpeed's default for bf16 is bf16 for both), as Seg-Zero's fp32-master
+        # training does. tests/test_learner_precision.py measures the difference.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if with_optimizer:
         ds.update({
             # We own the accumulation boundary: any number of backward() calls, then one step().
