@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.placement import PLACEMENT, actor_options, address_and_port
+from cluster.placement import PLACEMENT, actor_options, address_and_port, assigned_cuda_device
 from config import Config
 from rollout.group import InvariantError
 
@@ -45,8 +45,10 @@ class LearnerGroup:
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)  # noqa: E731
         addr, port = ray.get(address_and_port.options(scheduling_strategy=in_bundle(0)).remote())
         remote_learner = ray.remote(Learner)
+        device = assigned_cuda_device if res.num_gpus else None  # the GPU Ray gave the rank, not rank % count
         self.ranks = [remote_learner.options(**actor_options(res, scheduling_strategy=in_bundle(r)))
-                      .remote(self.cfg, self.policy_path, rank=r, world_size=world, master_addr=addr, master_port=port)
+                      .remote(self.cfg, self.policy_path, rank=r, world_size=world, master_addr=addr, master_port=port,
+                              device_index=device)
                       for r in range(world)]
         PLACEMENT.update({actor: (self.placement_group, r) for r, actor in enumerate(self.ranks)})
 

@@ -18,6 +18,7 @@ so that removing a rollout worker frees its group.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import ray
@@ -46,6 +47,26 @@ def address_and_port() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
         return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def cuda_index(assigned: list, visible: str | None) -> int:
+    """The CUDA device index of an actor's first assigned GPU. Ray normally sets CUDA_VISIBLE_DEVICES to
+    the actor's GPUs, so that GPU is device 0; with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (or any
+    other CUDA_VISIBLE_DEVICES) it is the assigned id's position among the visible devices."""
+    if not assigned:
+        raise RuntimeError("no GPU assigned to this actor by Ray (cluster.*.num_gpus is 0)")
+    gpu = str(assigned[0])
+    if visible is None or visible == "":
+        return int(gpu)
+    ids = [v.strip() for v in visible.split(",")]
+    if gpu not in ids:
+        raise RuntimeError(f"Ray assigned GPU {gpu}, which CUDA_VISIBLE_DEVICES={visible} hides")
+    return ids.index(gpu)
+
+
+def assigned_cuda_device() -> int:
+    """Inside an actor: the CUDA index of the GPU Ray assigned to it (the learner ranks call this)."""
+    return cuda_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def rollout_placement(cfg: Config, timeout_s: float | None = None) -> tuple[dict, PlacementGroup | None]:

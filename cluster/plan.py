@@ -29,7 +29,8 @@ Formulas (bytes; P = parameters, N = learner ranks, w = 2 for bf16, 4 for fp32):
     KV cache       2 x layers x KV heads x head dim x w per token, for the sequences one engine holds at
                    once (prompts_per_step x G / rollout workers) at image + prompt + max_new_tokens tokens
     checkpoint     12 P_trainable (fp32 master + Adam) + w P (ZeRO-2: the module's weights; ZeRO-3: only
-                   the frozen ones) per save, times train.keep_checkpoints + 1 on disk while one is written
+                   the frozen ones) per save, times train.keep_checkpoints + 1 on disk while one is written;
+                   its write time per rank at --storage-gbps, warned about above half cluster.call_timeout_s
     sync           w x trainable parameters, to every rollout worker at every step
 """
 from __future__ import annotations
@@ -144,9 +145,11 @@ def model_states_bytes(cfg: Config, shape: Shape, width: int) -> float:
     return 20 * trained / n + frozen_bytes
 
 
-def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, nodes: int = 1) -> Plan:
+def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, nodes: int = 1,
+              storage_gbps: float = 0.5) -> Plan:
     """The plan of ``cfg`` for the policy at ``policy_path`` (its config.json is enough), against a
-    cluster of ``nodes`` x ``gpus_per_node`` GPUs of ``cluster.gpu_memory_gb`` each (None: not checked)."""
+    cluster of ``nodes`` x ``gpus_per_node`` GPUs of ``cluster.gpu_memory_gb`` each (None: not checked),
+    whose checkpoint storage takes ``storage_gbps`` GB/s per learner rank."""
     c, r, lc = cfg.cluster, cfg.rollout, cfg.learner
     gpu_gb = c.gpu_memory_gb
     shape, plan = model_shape(policy_path), Plan()
@@ -229,6 +232,13 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
     # ZeRO-2 saves the module's weights and the fp32 master + Adam states; ZeRO-3 the partitioned states only
     plan.other["checkpoint bytes"] = 12 * trained + width * (shape.params if lc.zero_stage == 2 else shape.params - trained)
     plan.other["checkpoint disk bytes"] = plan.other["checkpoint bytes"] * (cfg.train.keep_checkpoints + 1)
+    # Every rank writes its own part at once, within one learner call (cluster.call_timeout_s).
+    per_rank = plan.other["checkpoint bytes"] / (c.learner_ranks if lc.zero_stage == 3 else 1)
+    plan.other["checkpoint seconds"] = per_rank / (storage_gbps * GB)
+    if plan.other["checkpoint seconds"] > 0.5 * c.call_timeout_s:
+        plan.warnings.append(f"a checkpoint writes ~{per_rank / GB:.0f} GB per learner rank: ~"
+                             f"{plan.other['checkpoint seconds']:.0f} s at {storage_gbps:g} GB/s, over half of "
+                             f"cluster.call_timeout_s={c.call_timeout_s:g}")
     plan.other["sync bytes"] = width * trained
     plan.other.update(params=shape.params, trained_params=trained)
     return plan
@@ -271,8 +281,9 @@ def format_plan(cfg: Config, plan: Plan, policy_path: str) -> str:
                      f"{cfg.rollout.gpu_memory_utilization * gpu_gb:.1f} GB; learner margin "
                      f"{gpu_gb - sum(plan.learner.values()) / GB:.1f} GB")
         lines.append(f"per reward worker: ~{o['reward worker GB']:g} GB")
-    lines.append(f"checkpoint: {o['checkpoint bytes'] / GB:.2f} GB per save, {o['checkpoint disk bytes'] / GB:.2f} GB on "
-                 f"disk (train.keep_checkpoints {cfg.train.keep_checkpoints} + the one being written)")
+    lines.append(f"checkpoint: {o['checkpoint bytes'] / GB:.2f} GB per save (~{o['checkpoint seconds']:.0f} s), "
+                 f"{o['checkpoint disk bytes'] / GB:.2f} GB on disk (train.keep_checkpoints "
+                 f"{cfg.train.keep_checkpoints} + the one being written)")
     lines.append(f"weight sync: {o['sync bytes'] / GB:.2f} GB to each of {cfg.cluster.rollout_workers} rollout engines "
                  f"per step ({cfg.rollout.weight_sync})")
     lines += [f"WARNING: {w}" for w in plan.warnings] + [f"PROBLEM: {p}" for p in plan.problems]
@@ -288,13 +299,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="the cluster to plan for (default: not checked)")
     p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--storage-gbps", type=float, default=0.5,
+                   help="checkpoint write speed per learner rank in GB/s (default 0.5, shared storage)")
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.zero_stage=2")
     args = p.parse_args(argv)
     cfg = load_config_or_exit(args.config, args.overrides)
     # model.policy_path, else the tiny policy the job would build (into train.output_dir, as the job does)
     policy_path = cfg.model.policy_path or prepare_policy(cfg)
-    plan = make_plan(cfg, policy_path, args.gpus_per_node, args.nodes)
+    plan = make_plan(cfg, policy_path, args.gpus_per_node, args.nodes, args.storage_gbps)
     print(json.dumps(plan.__dict__, indent=2) if args.json else format_plan(cfg, plan, policy_path))
     return 1 if plan.problems else 0
 

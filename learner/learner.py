@@ -29,7 +29,7 @@ import random
 import socket
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -118,14 +118,19 @@ class _ZeroConfigForHF:
 
 class Learner:
     def __init__(self, cfg: Config, policy_path: str, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500):
+                 master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 device_index: Callable[[], int] | None = None):
+        """``device_index``: called (in this process) for the CUDA device to use; default rank modulo the
+        visible devices. Under Ray the learner group passes the GPU Ray assigned (cluster.placement)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
         self.cfg, self.policy_path = cfg, str(policy_path)
         self.rank, self.world_size = rank, world_size
         on_gpu = torch.cuda.is_available()
-        local_rank = rank % torch.cuda.device_count() if on_gpu else 0
+        local_rank = 0
+        if on_gpu:
+            local_rank = device_index() if device_index is not None else rank % torch.cuda.device_count()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         if on_gpu:

@@ -42,37 +42,18 @@ class RolloutWorker:
         self._warned_truncation = False
         r = cfg.rollout
         on_gpu = torch.cuda.is_available()
-        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         # Must be set before vLLM reads it (engine construction).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if r.engine_in_process else "1"
         # vLLM's RPC carries tensors only within one process; otherwise buckets travel as bytes.
         self._tensors_by_reference = r.engine_in_process and r.tensor_parallel_size == 1
-        pixels = cfg.model.image_size ** 2
-        engine_args = dict(
-            model=policy_path, dtype=dtype, seed=seed, enforce_eager=r.enforce_eager,
-            max_model_len=r.max_model_len, tensor_parallel_size=r.tensor_parallel_size,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            # min = max = image_size^2, as the learner's processor: images arrive pre-resized to
-            # image_size x image_size and neither side may resize them again.
-            mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
-            worker_extension_cls=EXTENSION,
-            # logprobs of the distribution sampled from (after temperature), what the learner computes
-            # with logits / rollout.temperature; at temperature 1 the two modes agree
-            logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs",
-        )
-        if on_gpu:
-            engine_args.update(gpu_memory_utilization=r.gpu_memory_utilization)
-            if r.tensor_parallel_size > 1:  # TP workers as Ray actors in this engine's placement group
-                engine_args["distributed_executor_backend"] = "ray"
-        else:
-            # What VLLM_CPU_KVCACHE_SPACE sets, without the env var and with fractional GiB.
-            engine_args["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
+        args = engine_args(cfg, policy_path, seed, on_gpu)
+        dtype = args["dtype"]
 
         from vllm import LLM
 
         start = time.perf_counter()
         set_num_threads = torch.set_num_threads
-        self.llm = LLM(**engine_args)
+        self.llm = LLM(**args)
         # vLLM's CPU worker turns torch.set_num_threads into a no-op to protect its thread binding;
         # in-process there is no binding, and the rest of this process keeps the real function.
         torch.set_num_threads = set_num_threads
@@ -238,6 +219,33 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
+
+
+def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:
+    """vLLM's engine arguments for this config; ``on_gpu`` picks the GPU branch (tests force it on CPU and
+    validate the result with vLLM's own EngineArgs, tests/test_rollout_engine_args.py)."""
+    r = cfg.rollout
+    pixels = cfg.model.image_size ** 2
+    args = dict(
+        model=policy_path, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+        seed=seed, enforce_eager=r.enforce_eager, max_model_len=r.max_model_len,
+        tensor_parallel_size=r.tensor_parallel_size, limit_mm_per_prompt={"image": 1, "video": 0},
+        # min = max = image_size^2, as the learner's processor: images arrive pre-resized to
+        # image_size x image_size and neither side may resize them again.
+        mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
+        worker_extension_cls=EXTENSION,
+        # logprobs of the distribution sampled from (after temperature), what the learner computes
+        # with logits / rollout.temperature; at temperature 1 the two modes agree
+        logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs",
+    )
+    if on_gpu:
+        args.update(gpu_memory_utilization=r.gpu_memory_utilization)
+        if r.tensor_parallel_size > 1:  # TP workers as Ray actors in this engine's placement group
+            args["distributed_executor_backend"] = "ray"
+    else:
+        # What VLLM_CPU_KVCACHE_SPACE sets, without the env var and with fractional GiB.
+        args["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
+    return args
 
 
 def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:

@@ -149,3 +149,34 @@ def test_reward_actors_with_quarter_gpus_pack_four_to_a_gpu(local_ray):
     assert f"gpu {places[0]['gpus'][0]} (0.25)" in format_topology(rows)
     for p in probes:
         ray.kill(p)
+
+
+def test_cuda_index_follows_what_ray_made_visible():
+    from cluster.placement import cuda_index
+
+    assert cuda_index([3], "3") == 0            # Ray set CUDA_VISIBLE_DEVICES to the actor's GPU
+    assert cuda_index([3], None) == 3           # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: all visible
+    assert cuda_index(["2"], "0,1,2,3") == 2    # visible set by someone else: the id's position
+    with pytest.raises(RuntimeError, match="hides"):
+        cuda_index([5], "0,1")
+    with pytest.raises(RuntimeError, match="no GPU assigned"):
+        cuda_index([], "0")
+
+
+@pytest.mark.parametrize("noset", [False, True])
+def test_learner_rank_device_is_the_gpu_ray_assigned(local_ray, noset):
+    """The learner ranks take their CUDA device from Ray's assignment (cluster.placement.assigned_cuda_device,
+    what LearnerGroup passes to Learner), not rank % device_count: with a rank on fake GPU k the index is
+    0 when Ray sets CUDA_VISIBLE_DEVICES, k when it does not."""
+    from cluster.placement import assigned_cuda_device
+
+    env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if noset else {}
+    # Actors hold their GPU while they live: every fake GPU goes to a different one.
+    ranks = [Probe.options(num_gpus=1, num_cpus=0, runtime_env=env).remote() for _ in range(GPUS)]
+    seen = ray.get([r.__ray_call__.remote(lambda self: (ray.get_gpu_ids(), assigned_cuda_device())) for r in ranks],
+                   timeout=120)
+    assert sorted(int(gpus[0]) for gpus, _ in seen) == list(range(GPUS))
+    for gpus, index in seen:
+        assert index == (int(gpus[0]) if noset else 0)
+    for r in ranks:
+        ray.kill(r)

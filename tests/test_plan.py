@@ -66,6 +66,13 @@ def test_waste_and_cut_answers_are_warnings(overrides, warning):
     assert plan.problems == [] and any(warning in w for w in plan.warnings), plan.warnings
 
 
+def test_slow_checkpoint_storage_is_a_warning():
+    cfg = recipe("segzero_7b")
+    assert make_plan(cfg, cfg.model.policy_path, 8, storage_gbps=0.5).warnings == []  # 25 GB per rank: ~50 s
+    slow = make_plan(cfg, cfg.model.policy_path, 8, storage_gbps=0.05)
+    assert any("a checkpoint writes ~25 GB per learner rank" in w for w in slow.warnings), slow.warnings
+
+
 def test_cli_exits_nonzero_on_an_impossible_plan():
     proc = subprocess.run([sys.executable, "-m", "cluster.plan", "--config", "configs/segzero_7b.yaml",
                            "--gpus-per-node", "8", "cluster.rollout_workers=5"],
