@@ -1,19 +1,19 @@
 """Held-out evaluation during training: greedy answers from the rollout actors, scored (reward terms,
-masks, gIoU/cIoU) by a RewardWorker in a Ray task on the driver's node, so overlay files land where the
-driver logs them to MLflow.
+masks, gIoU/cIoU) on the reward pool's first actor (RewardPool.evaluate: its CPUs and GPU share, its
+segmenter), between steps while the pool is idle; the overlay pictures come back to the driver, which
+writes and logs them to MLflow.
 
-The scoring task asks for no resources (the pools hold them all) and runs its segmenter on CPU; keep
-eval.num_samples modest with SAM2-L, or run evaluate.py on a GPU node for full splits.
+The scoring's timeout matches its size: cluster.call_timeout_s covers a step's rollout.prompts_per_step x G
+answers, so an evaluation of N rows gets call_timeout_s x max(1, N / (prompts_per_step x group_size)).
 """
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import mlflow
-import ray
 from ray.exceptions import RayError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from config import Config
 from data.dataset import Sample
@@ -21,24 +21,22 @@ from data.dataset import Sample
 log = logging.getLogger(__name__)
 
 
-@ray.remote
-def _score(reward_cfg, samples, responses, tokens, size, overlay_dir, overlays):
-    from evaluation.run import evaluate_answers
-    from reward.worker import RewardWorker
-
-    return evaluate_answers(samples, responses, tokens, RewardWorker(reward_cfg, segment=True), size,
-                            overlay_dir=overlay_dir, max_overlays=overlays)
-
-
 def evaluate_policy(cfg: Config, rollouts, samples: list[Sample], overlay_dir: str) -> dict:
     """gIoU/cIoU (both conventions), box IoU, parse failures, response length and reward (per term and
     the weighted total, as in training) of the current policy's greedy answers on samples."""
     answers = rollouts.generate_greedy(samples)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.get(_score.options(num_cpus=0, scheduling_strategy=here)
-                   .remote(cfg.reward, samples, [t for t, _ in answers], [n for _, n in answers],
-                           cfg.model.image_size, overlay_dir, cfg.eval.overlays),
-                   timeout=cfg.cluster.call_timeout_s)
+    r = cfg.rollout
+    timeout_s = cfg.cluster.call_timeout_s * max(1.0, len(samples) / (r.prompts_per_step * r.group_size))
+    result = rollouts.reward_pool.evaluate(samples, [t for t, _ in answers], [n for _, n in answers],
+                                           cfg.model.image_size, cfg.eval.overlays, timeout_s)
+    paths = []
+    for name, png in result["overlays"].items():
+        path = Path(overlay_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        paths.append(str(path))
+    result["overlays"] = paths
+    return result
 
 
 def evaluate_and_log(job, step: int) -> dict:

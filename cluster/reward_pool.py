@@ -202,7 +202,31 @@ class RewardPool:
             self._t_first = self._t_last = None
         return out
 
+    def evaluate(self, samples: list, responses: list[str], tokens: list[int], model_size: int, overlays: int,
+                 timeout_s: float) -> dict:
+        """evaluation.run.evaluate_answers of held-out answers on the first reward actor, between steps: its
+        CPUs and GPU share, and its segmenter (one is built for evaluation, once, when the reward has no
+        mask term). Overlay PNGs come back as {file name: bytes}, so they reach the driver's node."""
+        return ray.get(self.workers[0].actor.__ray_call__.remote(
+            _evaluate_on_worker, self._device, samples, responses, tokens, model_size, overlays), timeout=timeout_s)
+
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker.actor, no_restart=True)
         self.workers = []
+
+
+def _evaluate_on_worker(worker: RewardWorker, device: str, samples, responses, tokens, model_size, overlays) -> dict:
+    """Runs inside a reward actor (``__ray_call__``): ``worker`` is its RewardWorker."""
+    import tempfile
+    from pathlib import Path
+
+    from evaluation.run import evaluate_answers
+
+    if worker.segmenter is None and getattr(worker, "evaluation_scorer", None) is None:
+        worker.evaluation_scorer = RewardWorker(worker.cfg, device, segment=True)
+    scorer = worker if worker.segmenter is not None else worker.evaluation_scorer
+    with tempfile.TemporaryDirectory() as tmp:
+        result = evaluate_answers(samples, responses, tokens, scorer, model_size, overlay_dir=tmp, max_overlays=overlays)
+        result["overlays"] = {Path(path).name: Path(path).read_bytes() for path in result["overlays"]}
+    return result

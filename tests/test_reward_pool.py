@@ -135,3 +135,28 @@ def test_worker_that_cannot_start_raises(groups, tmp_path):
     with pytest.raises(RuntimeError, match="failed to start"):
         pool.collect(["s0"])
     pool.shutdown()
+
+
+def test_evaluation_runs_on_a_reward_actor_with_a_segmenter_even_without_the_mask_term(synthetic_split):
+    """RewardPool.evaluate (what the job's held-out evaluation calls): scored on the pool's first actor,
+    in its process and with its resources; a reward without the mask term gets a segmenter built there for
+    evaluation; the same numbers as evaluate_answers in this process; overlays come back as PNG bytes."""
+    from data.dataset import ParquetSource
+    from evaluation.run import evaluate_answers
+
+    size = 112
+    samples = [s for _, s in zip(range(3), ParquetSource(synthetic_split, shuffle=False).iter_epoch())]
+    responses = [s.reference_answer(size) for s in samples[:2]] + ["no idea"]
+    cfg = CFG.model_copy(update={"mask_iou": "off"})
+    pool = RewardPool(cfg, num_workers=1, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    try:
+        result = pool.evaluate(samples, responses, [5, 5, 2], size, overlays=2, timeout_s=120)
+        actor_pid = ray.get(pool.workers[0].actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+        built = ray.get(pool.workers[0].actor.__ray_call__.remote(lambda self: self.evaluation_scorer.segmenter is not None))
+    finally:
+        pool.shutdown()
+    here = evaluate_answers(samples, responses, [5, 5, 2], RewardWorker(cfg, segment=True), size, max_overlays=0)
+    assert actor_pid != __import__("os").getpid() and built
+    assert result["giou_segzero"] == pytest.approx(here["giou_segzero"]) and result["giou_segzero"] > 0.3
+    assert result["parse_failure_rate"] == pytest.approx(1 / 3)
+    assert len(result["overlays"]) == 2 and all(png.startswith(b"\x89PNG") for png in result["overlays"].values())
