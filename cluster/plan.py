@@ -1,6 +1,7 @@
 """What a job will take, before anything starts: ``python -m cluster.plan --config CONFIG [overrides]``.
 
-    python -m cluster.plan --config configs/segzero_7b.yaml --gpus-per-node 8 --nodes 1 [--json] [overrides]
+    python -m cluster.plan --config configs/segzero_7b.yaml --gpus-per-node 8 --nodes 1 [--json]
+                           [--storage-gbps X | --measure-storage DIR] [overrides]
 
 No GPU, no Ray, no weights: the policy's shape comes from its ``config.json`` (``model.policy_path``, or
 ``configs/models/<its directory name>/`` for the published Qwen2.5-VL models), built on PyTorch's meta
@@ -190,19 +191,23 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
                              f"rollout.max_new_tokens {r.max_new_tokens} = {sequence} tokens: long answers are cut")
 
     # One learner rank.
-    mb, per_layer = lc.micro_batch_size, 34 * shape.hidden * width / 2
-    text_acts = (shape.layers * 2 * shape.hidden * width / 2 + per_layer) if lc.gradient_checkpointing \
-        else shape.layers * per_layer
-    vision_acts = 0.0
-    if not lc.freeze_vision:
-        v_layer = 34 * shape.vision_hidden * width / 2
-        vision_acts = ((shape.vision_layers * 2 * shape.vision_hidden * width / 2 + v_layer)
-                       if lc.gradient_checkpointing else shape.vision_layers * v_layer) * patches * mb
+    mb = lc.micro_batch_size
+
+    def activations(checkpointing: bool) -> tuple[float, float]:
+        """(text, vision) activation bytes of one micro-batch."""
+        def tower(layers, hidden, tokens):
+            per_layer = 34 * hidden * width / 2
+            return ((layers * 2 * hidden * width / 2 + per_layer) if checkpointing else layers * per_layer) * tokens * mb
+        vision = 0.0 if lc.freeze_vision else tower(shape.vision_layers, shape.vision_hidden, patches)
+        return tower(shape.layers, shape.hidden, sequence), vision
+
+    text_acts, vision_acts = activations(lc.gradient_checkpointing)
+    plan.other["activations, other checkpointing setting"] = sum(activations(not lc.gradient_checkpointing))
     plan.learner = {
         "model states": model_states_bytes(cfg, shape, width),
         "reference model": (width * shape.params / (c.learner_ranks if lc.zero_stage == 3 else 1)) if lc.kl_coef > 0 else 0,
         "logits (one micro-batch)": mb * r.max_new_tokens * shape.vocab * 4 * 3,
-        "activations, text": text_acts * sequence * mb,
+        "activations, text": text_acts,
         "activations, vision": vision_acts,
     }
     # One vLLM engine (TP splits weights and cache over its GPUs).
@@ -248,6 +253,22 @@ def _sam2_size(sam2_config: str) -> str:
     return next((size for size in SAM2_GB if size in sam2_config), "hiera_l")
 
 
+def measure_storage(directory: str | Path, n_bytes: int = 256 << 20) -> float:
+    """Write speed of ``directory``'s storage in GB/s: one file of n_bytes written and fsync'ed, removed."""
+    import os
+    import tempfile
+    import time
+
+    block = os.urandom(1 << 20)
+    with tempfile.NamedTemporaryFile(dir=directory) as f:
+        start = time.perf_counter()
+        for _ in range(n_bytes >> 20):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        return n_bytes / (time.perf_counter() - start) / GB
+
+
 def check(cfg: Config, policy_path: str) -> Plan:
     """The plan (cluster size not checked: Ray's autoscaler may add nodes); RuntimeError naming every
     problem when it cannot run. launch.py calls this at start, before any actor."""
@@ -270,12 +291,18 @@ def format_plan(cfg: Config, plan: Plan, policy_path: str) -> str:
     available = f" of {o['gpus_available']}" if "gpus_available" in o else ""
     lines.append(f"{'total':<16} {'':>5} {'':>9} {'':>9} {o['gpus']:>6g}{available}")
     device = "GPU" if cfg.cluster.learner.num_gpus else "host"
-    for title, part in ((f"per learner {device} (ZeRO-{cfg.learner.zero_stage}, {cfg.cluster.learner_ranks} ranks)", plan.learner),
+    checkpointing = "on" if cfg.learner.gradient_checkpointing else "off"
+    for title, part in ((f"per learner {device} (ZeRO-{cfg.learner.zero_stage}, {cfg.cluster.learner_ranks} ranks, "
+                         f"gradient checkpointing {checkpointing})", plan.learner),
                         (f"per vLLM engine (TP {cfg.rollout.tensor_parallel_size})", plan.rollout)):
         lines.append(f"{title}:")
         for name, value in part.items():
             lines.append(f"  {name:<28} {value / GB:>8.2f} GB")
         lines.append(f"  {'total':<28} {sum(part.values()) / GB:>8.2f} GB")
+        if part is plan.learner:
+            other = "off" if cfg.learner.gradient_checkpointing else "on"
+            lines.append(f"  (activations with gradient checkpointing {other}: "
+                         f"{o['activations, other checkpointing setting'] / GB:.2f} GB)")
     if cfg.cluster.learner.num_gpus:
         lines.append(f"  vLLM budget: rollout.gpu_memory_utilization {cfg.rollout.gpu_memory_utilization} x {gpu_gb:g} GB = "
                      f"{cfg.rollout.gpu_memory_utilization * gpu_gb:.1f} GB; learner margin "
@@ -301,12 +328,17 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--storage-gbps", type=float, default=0.5,
                    help="checkpoint write speed per learner rank in GB/s (default 0.5, shared storage)")
+    p.add_argument("--measure-storage", metavar="DIR", default=None,
+                   help="measure the write speed of DIR (e.g. the shared train.output_dir) and use it")
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.zero_stage=2")
     args = p.parse_args(argv)
     cfg = load_config_or_exit(args.config, args.overrides)
     # model.policy_path, else the tiny policy the job would build (into train.output_dir, as the job does)
     policy_path = cfg.model.policy_path or prepare_policy(cfg)
+    if args.measure_storage:
+        args.storage_gbps = measure_storage(args.measure_storage)
+        print(f"storage {args.measure_storage}: {args.storage_gbps:.2f} GB/s (256 MB written, fsync'ed)")
     plan = make_plan(cfg, policy_path, args.gpus_per_node, args.nodes, args.storage_gbps)
     print(json.dumps(plan.__dict__, indent=2) if args.json else format_plan(cfg, plan, policy_path))
     return 1 if plan.problems else 0

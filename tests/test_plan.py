@@ -73,6 +73,25 @@ def test_slow_checkpoint_storage_is_a_warning():
     assert any("a checkpoint writes ~25 GB per learner rank" in w for w in slow.warnings), slow.warnings
 
 
+def test_activations_shrink_with_gradient_checkpointing():
+    on = recipe("segzero_7b")
+    off = recipe("segzero_7b", ["learner.gradient_checkpointing=false"])
+    p_on, p_off = make_plan(on, on.model.policy_path), make_plan(off, off.model.policy_path)
+    acts = lambda p: p.learner["activations, text"] + p.learner["activations, vision"]  # noqa: E731
+    assert acts(p_off) > 5 * acts(p_on)
+    assert p_on.other["activations, other checkpointing setting"] == pytest.approx(acts(p_off))
+
+
+def test_measured_storage_speed_feeds_the_checkpoint_time(tmp_path):
+    from cluster.plan import measure_storage
+
+    speed = measure_storage(tmp_path, n_bytes=16 << 20)
+    assert speed > 0 and list(tmp_path.iterdir()) == []  # the probe file is gone
+    cfg = recipe("segzero_7b")
+    plan = make_plan(cfg, cfg.model.policy_path, storage_gbps=speed)
+    assert plan.other["checkpoint seconds"] == pytest.approx(99.51e9 / 4 / (speed * GB), rel=1e-3)
+
+
 def test_cli_exits_nonzero_on_an_impossible_plan():
     proc = subprocess.run([sys.executable, "-m", "cluster.plan", "--config", "configs/segzero_7b.yaml",
                            "--gpus-per-node", "8", "cluster.rollout_workers=5"],
