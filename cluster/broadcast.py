@@ -55,7 +55,7 @@ class BroadcastResult:
     n_bytes: int
     bucket_refs: list | None  # the buckets in Ray's object store (keep=True), else None
     restarted: int            # workers restarted after a hang or death during this sync
-    rebuilds: int             # groups built during this sync
+    rebuilds: int             # groups built by the attempt that succeeded (0 or 1)
 
 
 class WeightBroadcast:
@@ -67,11 +67,11 @@ class WeightBroadcast:
 
     def sync(self, learners, workers: list, version: int, keep: bool) -> BroadcastResult:
         """The learner's trainable weights, as ``version``, to every worker through the group."""
-        restarted = rebuilds = 0
+        restarted = 0
         for attempt in range(2):
             try:
                 n_bytes, refs, built = self._attempt(learners, workers, version, keep)
-                return BroadcastResult(n_bytes, refs, restarted, rebuilds + built)
+                return BroadcastResult(n_bytes, refs, restarted, built)
             except SyncFailure as failure:
                 self.members = []  # whatever happened, the next attempt builds a new group
                 names = lambda ws: [workers.index(w) for w in ws]  # noqa: E731
