@@ -194,6 +194,12 @@ class LearnerConfig(Section):
         "token_mean", description="Loss aggregation (see learner/grpo.py).")
     adv_scale: Literal["std", "none"] = Field("std", description="Group advantage scaling: std (GRPO) or none (Dr. GRPO).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch.")
+    shared_prompt: bool = Field(
+        True, description="Run each distinct prompt (and its image) of a micro-batch once and its G answers on top "
+        "of its cached keys/values, instead of every row's whole prompt + answer: same logprobs and gradients, "
+        "several times fewer tokens when prompts are long and answers short. With gradient_checkpointing the "
+        "policy's training forward runs whole rows (transformers' checkpointed layers drop the cache); the "
+        "reference and logprob forwards still share.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     freeze_vision: bool = Field(False, description="Train (and sync) only the language model.")
     clip_ratio_c: Optional[float] = Field(
@@ -254,6 +260,11 @@ class ClusterConfig(Section):
         "rollout.tensor_parallel_size > 1 on GPUs, per bundle of the engine's placement group (num_gpus 1).")
     reward: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per reward actor.")
     learner: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Resources per learner rank.")
+    learner_update_threads: int = Field(
+        0, ge=0, description="CPU only: torch threads of each learner rank during an update that nothing else "
+        "computes beside (an on-policy GRPO step or a warm-start step: the rollout workers wait for it), e.g. the "
+        "cores the rollout actors use while generating. 0: cluster.learner.torch_threads. Off-policy GRPO steps "
+        "keep torch_threads (the next round generates meanwhile).")
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
     sync_timeout_s: float = Field(

@@ -262,10 +262,12 @@ def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: 
 
     batch = grpo_batch(learner.processor.tokenizer, args.seqs, args.group_size, args.response_len, args.image_size)
     prompt_tokens, patches = 0, 0
-    for s in batch:
+    for i, s in enumerate(batch):
         enc = learner.processor(text=[s["prompt"]], images=[s["image"]], return_tensors="pt")
         prompt_tokens += enc["input_ids"].shape[1]
-        patches += int(enc["image_grid_thw"].prod())
+        first_in_micro_batch = batch[i - i % args.micro_batch:i]
+        if all(other["image"] is not s["image"] for other in first_in_micro_batch):
+            patches += int(enc["image_grid_thw"].prod())  # the vision tower runs once per image per micro-batch
     response_tokens = sum(len(s["response_ids"]) for s in batch)
     tokens = prompt_tokens + response_tokens
     merge = learner.model.config.vision_config.spatial_merge_size ** 2
@@ -285,7 +287,9 @@ def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: 
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {"build_s": build_s, "step_s": step_s, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
               "resp_tokens_per_s": response_tokens / step_s, "model_tflops": flops / step_s / 1e12,
-              "peak_mem_gib": peak / 2**30, **{f"policy_{k}": v for k, v in counts.items()}}
+              "peak_mem_gib": peak / 2**30, **{f"policy_{k}": v for k, v in counts.items()},
+              **{f"phase_{k.removeprefix('time/learner/')}_s": v for k, v in metrics.items()
+                 if k.startswith("time/learner/")}}
     result.update(measure_sync(learner, int(args.bucket_mb * 2**20)))
     result["device_name"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result["dtype"] = str(learner.dtype).removeprefix("torch.")
@@ -320,7 +324,7 @@ def measure_reward(args: argparse.Namespace) -> dict[str, float]:
     for group in groups[args.reward_warmup:]:
         scores = worker.score_group(group)
         stats = worker.last_stats
-        if stats["cache_hit"] or stats["num_prompts"] != REWARD_GROUP_SIZE or stats["mask_error"]:
+        if stats["cache_hit"] or stats["num_prompts"] != len(set(group["responses"])) or stats["mask_error"]:
             raise RuntimeError(f"group {group['sample_id']} did not take the segmenter path: {stats}")
         if any("mask_iou" not in s for s in scores):
             raise RuntimeError("mask_iou missing from the scores")
@@ -387,6 +391,9 @@ def print_table(report: dict) -> None:
             ("", "tokens/s (all / response)", f"{r[z + 'tokens_per_s']:,.0f} / {r[z + 'resp_tokens_per_s']:,.0f}"),
             ("", "model TFLOP/s (6*N*T)", f"{r[z + 'model_tflops']:.4g}"),
             ("", "peak memory GiB", f"{r[z + 'peak_mem_gib']:.1f}"),
+            ("", "phases s (last step)", ""),
+            *[("", f"  {k.removeprefix(z + 'phase_').removesuffix('_s')}", f"{v:.3f}")
+              for k, v in r.items() if k.startswith(z + "phase_")],
             (f"sync ZeRO-{stage}", "host: weight_buckets GB/s", f"{r[z + 'sync_host_gbps']:.2f}"),
             ("", "collective: broadcast_weights GB/s", f"{r[z + 'sync_collective_gbps']:.2f}"
              if z + "sync_collective_gbps" in r else "skipped: " + r.get(z + "sync_collective_skipped", "")[:27]),

@@ -1,12 +1,17 @@
-"""GRPO learner step throughput and memory: ZeRO-2 vs ZeRO-3, 1 vs 2 ranks (tiny policy unless --policy).
+"""GRPO learner step throughput, memory and phases: ZeRO-2 vs ZeRO-3, 1 vs 2 ranks (tiny policy unless --policy).
 
-    python benchmarks/learner_step.py [--seqs 16] [--response-len 96] [--steps 3] [--ranks 1,2] [--stages 2,3]
+    python benchmarks/learner_step.py [--seqs 16] [--group 8] [--response-len 96] [--steps 3] [--ranks 1,2]
+                                      [--stages 2,3] [--threads 1] [--profile 25] [--policy DIR | --hidden 1024 ...]
 
 Each (stage, ranks) runs in fresh processes (gloo on CPU, NCCL on GPU). One warm-up step, then --steps
 timed steps over the same batch, split evenly over the ranks. Reported: response tokens/s and all
 tokens/s (prompt + response, what the model forwards), wall and CPU seconds per step (CPU time of
 rank 0: robust when other jobs share the machine), peak RSS of rank 0 (whole process life, model
-loading included) and RSS growth over the timed steps. Each rank runs --threads torch threads
+loading included) and RSS growth over the timed steps, and the learner's phases (time/learner/*: collate,
+vision, reference, forward, loss, backward, optimizer; mean of the timed steps). --profile N: one more
+step under torch.profiler on rank 0, its N costliest operators by self CPU time (``profile_*.txt``
+beside the results). The batch is --seqs / --group prompts, each with --group answers sharing its
+image, as a GRPO batch is. Each rank runs --threads torch threads
 (default 1: on a shared 2-core machine two OpenMP threads per rank mostly wait on each other, and one
 thread per rank makes 1 vs 2 ranks a like-for-like comparison).
 """
@@ -30,16 +35,18 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def make_batch(n: int, response_len: int, image_size: int) -> list[dict]:
+def make_batch(n: int, response_len: int, image_size: int, group: int) -> list[dict]:
+    """n sequences: n / group prompts, each with its image object shared by its group's answers."""
     import numpy as np
     from PIL import Image
 
     from policy.prompt import chat_prompt
 
     rng = np.random.default_rng(0)
-    return [{"sample_id": str(i), "prompt": chat_prompt(f"the object number {i}"),
-             "image": Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)),
-             "response_ids": rng.integers(300, 1300, response_len).tolist(),
+    images = [Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))
+              for _ in range(-(-n // group))]
+    return [{"sample_id": f"{i // group}/{i % group}", "prompt": chat_prompt(f"the object number {i // group}"),
+             "image": images[i // group], "response_ids": rng.integers(300, 1300, response_len).tolist(),
              "logprobs": [-7.0] * response_len, "advantage": float(rng.normal())} for i in range(n)]
 
 
@@ -55,14 +62,18 @@ def run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, ou
     cfg.learner.micro_batch_size = args.micro_batch
     cfg.model.image_size = args.image_size
     learner = Learner(cfg, args.policy, rank, world_size, master_port=port)
-    batch = make_batch(args.seqs, args.response_len, args.image_size)
+    batch = make_batch(args.seqs, args.response_len, args.image_size, args.group)
     shard = batch[rank::world_size]
     num_tokens = args.seqs * args.response_len
     learner.train_step(shard, num_tokens, args.seqs)  # warm-up
     rss_before = rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
+    phases: dict[str, float] = {}
     for _ in range(args.steps):
-        learner.train_step(shard, num_tokens, args.seqs)
+        metrics = learner.train_step(shard, num_tokens, args.seqs)
+        for k, v in metrics.items():
+            if k.startswith("time/learner/"):
+                phases[k.removeprefix("time/learner/")] = phases.get(k.removeprefix("time/learner/"), 0.0) + v / args.steps
     seconds = (time.perf_counter() - start) / args.steps
     cpu_seconds = (time.process_time() - cpu_start) / args.steps
     if rank == 0:
@@ -71,8 +82,16 @@ def run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, ou
         result = {"stage": args.stage, "ranks": world_size, "s_per_step": seconds, "cpu_s_per_step": cpu_seconds,
                   "response_tok_s": num_tokens / seconds, "all_tok_s": (num_tokens + prompt_tokens) / seconds,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_growth_mib": rss_mib() - rss_before}
+                  "rss_growth_mib": rss_mib() - rss_before, "phases": phases}
         Path(out).write_text(json.dumps(result))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            learner.train_step(shard, num_tokens, args.seqs)
+        if rank == 0:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
+            Path(out).with_name(f"profile_z{args.stage}_r{world_size}.txt").write_text(table)
 
 
 def free_port() -> int:
@@ -87,6 +106,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", help="HF policy directory (default: build the tiny policy)")
     p.add_argument("--seqs", type=int, default=16, help="sequences per step (whole batch)")
+    p.add_argument("--group", type=int, default=8, help="answers per prompt (they share its image)")
+    p.add_argument("--hidden", type=int, default=128, help="built policy: hidden size (without --policy)")
+    p.add_argument("--layers", type=int, default=2, help="built policy: decoder layers")
+    p.add_argument("--heads", type=int, default=2, help="built policy: attention heads")
+    p.add_argument("--intermediate", type=int, default=None, help="built policy: MLP width (default 2 x hidden)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one more step on rank 0 and print its N costliest operators")
     p.add_argument("--response-len", type=int, default=96)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--image-size", type=int, default=112)
@@ -98,7 +124,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="learner_bench_")
     if not args.policy:
         from policy.tiny import build_tiny_policy
-        args.policy = str(build_tiny_policy(Path(tmp) / "tiny", image_size=args.image_size))
+        args.policy = str(build_tiny_policy(Path(tmp) / "tiny", image_size=args.image_size, hidden_size=args.hidden,
+                                            layers=args.layers, heads=args.heads,
+                                            intermediate_size=args.intermediate))
 
     results = []
     for stage in (int(s) for s in args.stages.split(",")):
@@ -108,6 +136,10 @@ def main() -> None:
             mp.start_processes(run_rank, args=(ranks, free_port(), args, out), nprocs=ranks, start_method="spawn")
             results.append(json.loads(Path(out).read_text()))
             print(json.dumps(results[-1]), flush=True)
+            profile = Path(out).with_name(f"profile_z{stage}_r{ranks}.txt")
+            if profile.exists():
+                print(f"\n# ZeRO-{stage}, {ranks} rank(s): one step under torch.profiler, costliest operators "
+                      f"(rank 0)\n{profile.read_text()}", flush=True)
 
     print(f"\nbatch: {args.seqs} seqs x {args.response_len} response tokens, micro-batch {args.micro_batch}, "
           f"{args.steps} timed steps, policy {args.policy}")
@@ -115,6 +147,10 @@ def main() -> None:
     for r in results:
         print(f"{r['stage']:>4} {r['ranks']:>5} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {r['response_tok_s']:>11.0f} "
               f"{r['all_tok_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['rss_growth_mib']:>11.0f}")
+    names = list(dict.fromkeys(k for r in results for k in r["phases"]))
+    print(f"\nlearner phases, s/step (slowest rank): {'ZeRO':>4} {'ranks':>5} " + " ".join(f"{n:>9}" for n in names))
+    for r in results:
+        print(f"{'':<39}{r['stage']:>4} {r['ranks']:>5} " + " ".join(f"{r['phases'].get(n, 0):>9.3f}" for n in names))
     by = {(r["stage"], r["ranks"]): r for r in results}
     for ranks in sorted({r["ranks"] for r in results}):
         if (2, ranks) in by and (3, ranks) in by:

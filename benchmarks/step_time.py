@@ -2,7 +2,7 @@
 much of it overlapped generation), learner, weight sync, driver; idle time per pool; samples/s, tokens/s.
 
     python benchmarks/step_time.py [--steps 5] [--warmup 1] [--policy random|memorised] [--sft-steps N]
-                                   [section.field=value ...]
+                                   [--baseline REV] [section.field=value ...]
 
 It runs the real job, `python launch.py` (local Ray, vLLM rollout worker, reward pool, DeepSpeed learner),
 in a temporary directory with the MLflow store there, and reads back the per-step metrics launch.py logs
@@ -15,7 +15,10 @@ transformers, ~150 steps on one sequence: 1-2 minutes on two free cores) to repr
 answer, so every answer parses and is segmented; combine it with a costlier segmenter, e.g.
 `reward.segmenter=sam2 reward.sam2_allow_random_weights=true` (SAM2 tiny; random weights cost the
 same as real ones). --sft-steps N: launch.py's own warm start instead.
-The first --warmup GRPO steps (engine warm-up) are left out of the means.
+The first --warmup GRPO steps (engine warm-up) are left out of the means. The learner's own phases
+(time/learner/*: collate, vision, reference, forward, loss, backward, optimizer) are printed below.
+--baseline REV runs the same job again from git revision REV (e.g. a release to compare against),
+one run after the other, and prints the ratio of the mean step times.
 
 Derived rows (all from logged metrics, per step):
     reward span   = batch/sequences / pool/reward_samples_per_s   (first dispatch -> last score; an upper
@@ -94,17 +97,17 @@ def policy_overrides(work: Path, policy: str, sft_steps: int, config: str | None
     return [*path, "train.sft_steps=0"]
 
 
-def run_launch(work: Path, overrides: list[str], name: str) -> dict[str, list[float]]:
-    """Runs launch.py with `overrides` (output and MLflow store under `work`); returns {metric: values by
-    step} of its MLflow run. The job's log goes to work/<name>.log (its tail is printed on failure)."""
+def run_launch(work: Path, overrides: list[str], name: str, repo: Path = REPO) -> dict[str, list[float]]:
+    """Runs `repo`'s launch.py with `overrides` (output and MLflow store under `work`); returns {metric:
+    values by step} of its MLflow run. The job's log goes to work/<name>.log (its tail is printed on failure)."""
     out = work / name
-    args = [sys.executable, str(REPO / "launch.py"), "eval.enabled=false", "tracking.log_model=false",
+    args = [sys.executable, str(repo / "launch.py"), "eval.enabled=false", "tracking.log_model=false",
             f"train.output_dir={out}", f"tracking.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
             f"tracking.run_name={name}", f"cluster.job_name=bench-{name}-{os.getpid()}", *overrides]
     log_path = work / f"{name}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(args, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-40:]
         sys.exit(f"launch.py ({name}) failed with exit code {rc}; last lines of its log:\n" + "\n".join(tail))
@@ -189,24 +192,54 @@ def add_run_args(p: argparse.ArgumentParser, steps_help: str, sft_help: str) -> 
     p.add_argument("--sft-steps", type=int, default=0, help=sft_help)
 
 
+def checkout(rev: str, into: Path) -> Path:
+    """`rev` of this repository as a plain directory (git archive: no worktree metadata left behind)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def print_phases(m: dict[str, list[float]]) -> None:
+    """The learner's own phase breakdown (time/learner/<phase>, logged by learner.learner)."""
+    phases = sorted(k for k in m if k.startswith("time/learner/"))
+    if phases:
+        learner = mean(m["time/learner"])
+        print(f"{'learner phases (slowest rank)':<46}{'s/step':>9}{'of learner':>11}")
+        for k in phases:
+            print(f"{'  ' + k.removeprefix('time/learner/'):<46}{mean(m[k]):>9.3f}{mean(m[k]) / learner:>11.1%}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Extra section.field=value arguments go to launch.py.")
     add_run_args(p, "GRPO steps (default 5)", "launch.py's warm start instead (default 0: off)")
     p.add_argument("--config", default=None, help="YAML config (default configs/default.yaml)")
+    p.add_argument("--baseline", metavar="REV", help="also run the same job from git revision REV (checked out "
+                   "into the temporary directory), right after this tree's, and print the step time ratio")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
     print(f"# {NOISE}")
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_time_") as tmp:
         work = Path(tmp)
         policy = policy_overrides(work, args.policy, args.sft_steps, args.config)
         config = [f"--config={args.config}"] if args.config else []
-        metrics = run_launch(work, [*config, *policy, f"train.steps={args.steps}", *args.overrides], "default")
+        overrides = [*config, *policy, f"train.steps={args.steps}", *args.overrides]
+        runs["this tree"] = run_launch(work, overrides, "default")
+        if args.baseline:
+            runs[f"baseline {args.baseline}"] = run_launch(work, overrides, "baseline",
+                                                           checkout(args.baseline, work / "baseline_repo"))
     policy = f"{args.sft_steps} warm-start steps" if args.sft_steps else f"{args.policy} policy"
-    print_breakdown(measured(metrics, args.warmup), f"default run, {policy}, GRPO steps {args.warmup + 1}.."
-                    f"{args.steps}")
+    for name, metrics in runs.items():
+        m = measured(metrics, args.warmup)
+        print_breakdown(m, f"{name}: default run, {policy}, GRPO steps {args.warmup + 1}..{args.steps}")
+        print_phases(m)
+    if args.baseline:
+        ours, base = (mean(measured(m, args.warmup)["time/step"]) for m in runs.values())
+        print(f"\nstep time, this tree / baseline {args.baseline}: {ours:.3f} / {base:.3f} s = {ours / base:.2f}x")
 
 
 if __name__ == "__main__":

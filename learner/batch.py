@@ -17,6 +17,7 @@ import logging
 
 import torch
 from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,33 @@ def encode_prompt(processor, prompt: str, image) -> dict[str, Tensor]:
     return out
 
 
-def collate(processor, samples: list[dict], pad_id: int) -> dict[str, Tensor]:
+def image_key(sample: dict) -> tuple[str, int]:
+    """What identifies a sample's prompt and image within one learner call: the G answers of a group
+    share one prompt string and one image object (rollout.group.learner_batch; Ray unpickles a shard's
+    shared objects as shared objects), so they are encoded and seen by the vision tower once."""
+    return sample["prompt"], id(sample["image"])
+
+
+def collate(processor, samples: list[dict], pad_id: int, encoded: dict | None = None) -> dict:
     """samples: dicts with "prompt", "image", "response_ids" -> padded model inputs + response targets.
 
-    Returns model kwargs (input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
-    logits_to_keep) plus "response_ids" [B, R] and "response_mask" [B, R] (1 on real response tokens).
+    Returns model kwargs (input_ids, attention_mask, mm_token_type_ids, image_grid_thw, logits_to_keep),
+    "response_ids" [B, R] and "response_mask" [B, R] (1 on real response tokens), and the images once
+    each: "pixel_values" and "unique_grid_thw" of the distinct (prompt, image) pairs in first-seen
+    order, "image_keys" their ``image_key``s and "image_index" [B] the pair of each row. The vision
+    tower runs on the distinct images and its features are repeated per row (Learner._forward).
+    ``encoded``: a dict kept by the caller over several micro-batches, so each pair is run through the
+    processor once per call (key -> ``encode_prompt``).
     An image/video placeholder token inside a response would make the model look for an image that
     is not there (a hard error), so it enters the model as padding and its position is masked out.
     """
-    prompts = [encode_prompt(processor, s["prompt"], s["image"]) for s in samples]
+    encoded = {} if encoded is None else encoded
+    keys = [image_key(s) for s in samples]
+    for key, s in zip(keys, samples):
+        if key not in encoded:
+            encoded[key] = encode_prompt(processor, s["prompt"], s["image"])
+    unique = list(dict.fromkeys(keys))
+    prompts = [encoded[k] for k in keys]
     responses = [torch.as_tensor(list(s["response_ids"]), dtype=torch.long) for s in samples]
     P = max(p["input_ids"].numel() for p in prompts)
     R = max(r.numel() for r in responses)
@@ -68,25 +87,74 @@ def collate(processor, samples: list[dict], pad_id: int) -> dict[str, Tensor]:
         response_mask[i, :r.numel()] = (~bad).float()
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
-        "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
         "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
         "logits_to_keep": R + 1,
+        "pixel_values": torch.cat([encoded[k]["pixel_values"] for k in unique]),
+        "unique_grid_thw": torch.cat([encoded[k]["image_grid_thw"] for k in unique]),
+        "image_keys": unique, "image_index": [unique.index(k) for k in keys],
         "response_ids": response_ids, "response_mask": response_mask,
     }
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "logits_to_keep")
+# The images enter as vision features (mm_encoder_outputs, Learner._forward), not as pixel_values.
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "logits_to_keep")
 
 
-def model_inputs(batch: dict, device, dtype: torch.dtype) -> dict:
-    """The subset of a collated batch the model takes, on device; pixels in the model's dtype."""
+def model_inputs(batch: dict, device, dtype: torch.dtype, image_features: tuple[Tensor, ...]) -> dict:
+    """The model's kwargs for a collated batch, on device, floats in the model's dtype; the images enter
+    as ``image_features`` (one tensor per distinct image, ``image_features``), repeated per row, through
+    transformers' ``mm_encoder_outputs`` instead of pixel values."""
     out = {}
     for k in MODEL_KEYS:
         v = batch[k]
         if isinstance(v, Tensor):
             v = v.to(device, dtype=dtype if v.is_floating_point() else None)
         out[k] = v
+    per_row = tuple(image_features[i] for i in batch["image_index"])
+    out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
     return out
+
+
+def image_features(model, batch: dict, device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The vision tower of ``model`` (a Qwen2.5-VL ``...ForConditionalGeneration``) on the batch's
+    distinct images: one [tokens, hidden] tensor per image, in ``batch["image_keys"]`` order. The tower
+    attends within each image only, so an image's features do not depend on the others in the call."""
+    out = model.model.get_image_features(batch["pixel_values"].to(device, dtype=dtype),
+                                         batch["unique_grid_thw"].to(device), return_dict=True)
+    return tuple(out.pooler_output)
+
+
+def shared_prompt_logits(module, hf, batch: dict, features: tuple, device) -> Tensor:
+    """``module`` (the model, or the DeepSpeed engine around it; ``hf`` the model): the logits of
+    ``model_inputs(batch)``'s forward ([B, R + 1, V], the last R + 1 positions), with
+    each distinct prompt run once (learner.shared_prompt):
+
+        prompt pass:  the U distinct prompts [U, P] (their rows' first P columns, images included) ->
+                      keys/values of every layer, and the logit at column P - 1 (predicts r_0)
+        answer pass:  the B responses [B, R] on top of their prompt's keys/values (repeated per row,
+                      so their gradients add up on the prompt), attention mask [B, P + R] -> logits
+                      at columns P .. P + R - 1
+
+    Positions are the full rows' 3-D (mrope) positions (the model's own get_rope_index), split at P.
+    Every row's prompt part depends on its prompt alone, so this is the same computation as the full
+    rows, without repeating the prompt's G - 1 times."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    types, grid = batch["mm_token_type_ids"].to(device), batch["image_grid_thw"].to(device)
+    P = ids.shape[1] - (batch["logits_to_keep"] - 1)
+    positions, _ = hf.model.get_rope_index(ids, types, grid, attention_mask=mask)
+    rows = torch.tensor(batch["image_index"], device=device)
+    first = torch.tensor([batch["image_index"].index(u) for u in range(len(features))], device=device)
+    prompt = module(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P],
+                    position_ids=positions[:, first, :P], image_grid_thw=grid[first],
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(features))},
+                    use_cache=True, logits_to_keep=1)
+    if P == ids.shape[1]:  # no response tokens in this micro-batch
+        return prompt.logits[rows]
+    cache = prompt.past_key_values
+    cache.batch_select_indices(rows)
+    answers = module(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions[:, :, P:],
+                     past_key_values=cache, use_cache=True, logits_to_keep=0)
+    return torch.cat([prompt.logits[rows], answers.logits], dim=1)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,

@@ -102,10 +102,14 @@ class RewardWorker:
             mapped = [to_original(b, p, group["model_size"], height, width) for b, p in prompts.values()]
             boxes = np.concatenate([b for b, _ in mapped])
             points = np.concatenate([p for _, p in mapped])
+            # The G answers often repeat a box and points: each distinct prompt is segmented once (the
+            # segmenters are deterministic per prompt), and its mask shared.
+            rows = np.concatenate([boxes.reshape(len(boxes), -1), points.reshape(len(points), -1)], axis=1)
+            distinct, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
             start = time.perf_counter()
-            predicted = self.segmenter.predict(boxes, points)  # one batched decode for the whole group
+            predicted = self.segmenter.predict(boxes[first], points[first])[inverse.reshape(-1)]  # one batched decode
             self.last_stats["decode_s"] = time.perf_counter() - start
-            self.last_stats["num_prompts"] = len(boxes)
+            self.last_stats["num_prompts"] = len(distinct)
 
             offset = 0
             for i, (b, _) in zip(prompts, mapped):

@@ -176,6 +176,125 @@ def test_off_policy_ratio_uses_sampling_logprobs(learner):
     assert m["ratio_max"] == pytest.approx(np.exp(-0.1), abs=1e-4) and m["clip_frac"] == 0.0
 
 
+def grouped_samples(groups: int = 2, answers: int = 3, seed: int = 4) -> tuple[list[dict], list[dict]]:
+    """(grouped, separate): ``groups`` prompts with ``answers`` responses each; in ``grouped`` the answers
+    of a prompt share its image object (as rollout.group.learner_batch sends them), in ``separate``
+    every row has its own copy of the image."""
+    samples = make_samples(groups * answers, seed=seed)
+    for i, s in enumerate(samples):
+        first = samples[i - i % answers]
+        s.update(prompt=first["prompt"], image=first["image"])
+    return samples, [dict(s, image=s["image"].copy()) for s in samples]
+
+
+@pytest.mark.parametrize("path", ["grouped_features", "shared_prompt"])
+def test_grouped_paths_give_the_per_row_logprobs_and_gradients(policy_dir, path):
+    """A trained vision tower, two prompts with three answers each. grouped_features: the tower on each
+    distinct image once, features repeated per row; shared_prompt: besides, each prompt runs once and
+    its answers on its cached keys/values (learner.batch.shared_prompt_logits). Both give the logprobs and
+    the gradient of every parameter (the rows' gradients add up on their image and prompt) of
+    transformers' own per-row forward (pixel values and whole prompt per row)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from learner.batch import MODEL_KEYS, collate, image_features, model_inputs, shared_prompt_logits, token_logprobs
+
+    model = AutoModelForImageTextToText.from_pretrained(str(policy_dir))
+    processor = AutoProcessor.from_pretrained(str(policy_dir))
+    grouped, _ = grouped_samples()
+    results = []
+    for mode in (path, "per_row"):
+        model.zero_grad()
+        batch = collate(processor, grouped, processor.tokenizer.pad_token_id)
+        if mode == "per_row":
+            pixels = torch.cat([processor(text=[s["prompt"]], images=[s["image"]], return_tensors="pt")["pixel_values"]
+                                for s in grouped])
+            logits = model(**{k: batch[k] for k in MODEL_KEYS}, pixel_values=pixels).logits
+        else:
+            assert batch["image_index"] == [0, 0, 0, 1, 1, 1] and batch["pixel_values"].shape[0] == 2 * 64
+            features = image_features(model, batch, "cpu", torch.float32)
+            logits = (model(**model_inputs(batch, "cpu", torch.float32, features)).logits if mode == "grouped_features"
+                      else shared_prompt_logits(model, model, batch, features, "cpu"))
+        logp, _ = token_logprobs(logits, batch["response_ids"])
+        (logp * batch["response_mask"] * torch.linspace(-1, 1, len(grouped))[:, None]).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (logp_g, grads_g), (logp_r, grads_r) = results
+    assert torch.allclose(logp_g, logp_r, atol=1e-5)
+    assert grads_g.keys() == grads_r.keys() and any(n.startswith("model.visual") for n in grads_g)
+    for name, g in grads_g.items():
+        assert torch.allclose(g, grads_r[name], atol=1e-5 * max(1.0, g.abs().max().item())), name
+
+
+def test_frozen_vision_runs_once_per_image_per_step_with_the_same_numbers(policy_dir):
+    """ZeRO-2, frozen tower: one tower forward per distinct image per learner call, across micro-batches
+    (micro-batch 2, groups of 3) and the reference forward; logprobs and a GRPO step's metrics equal
+    those of rows with their own image copies (one tower forward each)."""
+    from learner.learner import Learner
+
+    learner = Learner(learner_config(2, freeze_vision=True, kl_coef=0.05), str(policy_dir), master_port=_free_port())
+    calls = []
+    for module in (learner.model, learner.ref):
+        module.model.visual.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    grouped, separate = grouped_samples()
+    got = {}
+    for name, samples in (("grouped", grouped), ("separate", separate)):
+        calls.clear()
+        got[name] = learner.logprobs(samples)
+        got[name + "_calls"] = len(calls)
+    assert got["grouped_calls"] == 2 and got["separate_calls"] == 3  # 3 micro-batches of distinct images
+    for a, b in zip(got["grouped"], got["separate"]):
+        assert np.allclose(a, b, atol=1e-5)
+    state = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+    metrics = {}
+    for name, samples in (("grouped", grouped), ("separate", separate)):
+        learner.engine.module.load_state_dict(state)
+        calls.clear()
+        metrics[name] = learner.train_step(samples)
+        assert calls == ([64] * 4 if name == "grouped" else [128] * 6), calls  # policy + reference
+    for key in ("loss", "kl", "entropy", "logprob_drift"):
+        assert metrics["grouped"][key] == pytest.approx(metrics["separate"][key], rel=1e-5, abs=1e-7), key
+    assert {f"time/learner/{phase}" for phase in ("collate", "vision", "reference", "forward", "loss", "backward",
+                                                  "optimizer")} <= metrics["grouped"].keys()
+
+
+def test_shared_prompt_trains_like_whole_rows(policy_dir):
+    """learner.shared_prompt through the learner (DeepSpeed engine, reference model, micro-batch 4 with
+    groups of 3 answers, so groups span micro-batches): two GRPO steps give the metrics of whole-row
+    forwards, and the logprobs after them agree. (Gradients are compared exactly in
+    test_grouped_paths_give_the_per_row_logprobs_and_gradients; weights after AdamW are not a fair
+    comparison: it turns round-off in gradients that are zero in exact arithmetic, such as the key
+    biases', into lr-sized steps.)"""
+    from learner.learner import Learner
+
+    grouped, _ = grouped_samples(groups=3, answers=3, seed=6)
+    runs = {}
+    for shared in (False, True):
+        cfg = learner_config(2, micro_batch_size=4, kl_coef=0.05, shared_prompt=shared)
+        learner = Learner(cfg, str(policy_dir), master_port=_free_port())
+        runs[shared] = ([learner.train_step(grouped) for _ in range(2)], learner.logprobs(grouped))
+    (m_full, lp_full), (m_shared, lp_shared) = runs[False], runs[True]
+    for a, b in zip(m_full, m_shared):
+        for key in ("loss", "kl", "entropy", "grad_norm", "logprob_drift"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(lp_full, lp_shared):
+        assert np.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_update_threads_while_nothing_else_computes(learner, off_policy):
+    """cluster.learner_update_threads: the update runs with that many torch threads when the rollout
+    workers wait for it (on-policy, warm start), the usual ones off-policy; restored after."""
+    seen = {"train": set(), "sft": set()}
+    learner.cfg.cluster.learner_update_threads, learner.cfg.rollout.off_policy = 2, off_policy
+    try:
+        for phase, step in (("train", learner.train_step), ("sft", learner.sft_step)):
+            hook = learner.model.register_forward_hook(lambda *_, p=phase: seen[p].add(torch.get_num_threads()))
+            step(make_samples(2))
+            hook.remove()
+    finally:
+        learner.cfg.cluster.learner_update_threads, learner.cfg.rollout.off_policy = 0, False
+    assert seen == {"train": {1 if off_policy else 2}, "sft": {2}} and torch.get_num_threads() == 1
+
+
 def test_image_placeholder_in_a_response_is_masked_not_fatal(learner):
     sample = make_samples(1, seed=10)[0]
     clean = dict(sample, response_ids=sample["response_ids"][:3])
@@ -278,9 +397,12 @@ def test_deepspeed_config_follows_learner_config():
     from learner.learner import deepspeed_config, warmup_factor
 
     ds = deepspeed_config(learner_config(3, grad_clip=0.5, lr=2e-6), bf16=True)
-    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    # contiguous gradient buffers only where they pay: against GPU memory fragmentation
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                       "contiguous_gradients": torch.cuda.is_available()}
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["optimizer"]["params"]["lr"] == 2e-6 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["fused"] is True
     assert "optimizer" not in deepspeed_config(learner_config(3), bf16=False, with_optimizer=False)
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0

@@ -138,7 +138,7 @@ def test_two_ranks_zero3_give_the_gradient_of_one_rank(runs):
 def test_one_rank_zero3_gradient_equals_plain_pytorch(runs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from learner.batch import collate, model_inputs, token_logprobs
+    from learner.batch import MODEL_KEYS, collate, token_logprobs
     from learner.grpo import policy_loss
 
     policy_dir, _, one, _, _ = runs
@@ -146,7 +146,10 @@ def test_one_rank_zero3_gradient_equals_plain_pytorch(runs):
     processor = AutoProcessor.from_pretrained(policy_dir)
     samples = make_samples(N_SAMPLES, seed=11)
     batch = collate(processor, samples, processor.tokenizer.pad_token_id)
-    logp, _ = token_logprobs(model(**model_inputs(batch, "cpu", torch.float32)).logits, batch["response_ids"])
+    # Plain transformers: every row's own image as pixel values through the model's own vision path.
+    assert batch["image_index"] == list(range(len(samples)))  # the samples' images are all distinct
+    logits = model(**{k: batch[k] for k in MODEL_KEYS}, pixel_values=batch["pixel_values"]).logits
+    logp, _ = token_logprobs(logits, batch["response_ids"])
     loss, _ = policy_loss(logp, logp.detach(), torch.tensor([s["advantage"] for s in samples]),
                           batch["response_mask"], ref_logp=logp.detach(), kl_coef=0.05)
     loss.backward()

@@ -33,7 +33,7 @@ def test_kills_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
     from cluster.job import Job, connect
 
     cfg = load_config(None, [f"rollout.weight_sync={weight_sync}", "cluster.sync_parity_check=true",
-        f"train.output_dir={tmp_path}", f"train.steps={STEPS}", f"rollout.prompts_per_step={B}",
+        "cluster.reward_workers=1", f"train.output_dir={tmp_path}", f"train.steps={STEPS}", f"rollout.prompts_per_step={B}",
         f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true", "train.sft_steps=0",
         "data.synthetic_train_size=32", "data.synthetic_eval_size=2", "eval.enabled=false",
         "tracking.log_model=false", "tracking.system_metrics=false", "cluster.job_name=ops-test"])

@@ -97,6 +97,17 @@ def test_group_scores_rules_mask_and_total():
     assert again == scores and worker.last_stats["cache_hit"] is True
 
 
+def test_repeated_answers_are_segmented_once_with_the_same_scores():
+    """G answers that repeat a box and points: one decode of the distinct prompts, every answer scored as
+    if alone (the real GrabCut segmenter, so the masks are real)."""
+    repeated = [RESPONSES[0], RESPONSES[1], RESPONSES[0], RESPONSES[4], RESPONSES[0], RESPONSES[1]]
+    worker = spied_worker()
+    scores = worker.score_group(make_group(repeated))
+    assert worker.segmenter.predict.calls == [3] and worker.last_stats["num_prompts"] == 3
+    alone = {r: spied_worker().score_group(make_group([r]))[0] for r in set(repeated)}
+    assert scores == [alone[r] for r in repeated]
+
+
 def test_unparseable_group_never_touches_the_segmenter():
     worker = spied_worker()
     scores = worker.score_group(make_group(["", "nothing", RESPONSES[3]]))
@@ -141,7 +152,7 @@ def test_multi_object_group_masks_are_unions():
     assert scores[0]["accuracy"] == 3.0 and scores[1]["accuracy"] == 1.5
     assert scores[0]["mask_iou"] > 0.8
     assert 0.5 < scores[1]["mask_iou"] < scores[0]["mask_iou"]  # the green square is added to the union
-    assert worker.segmenter.predict.calls == [3]
+    assert worker.segmenter.predict.calls == [2]  # red (in both answers) and green, each segmented once
 
 
 @pytest.mark.parametrize("rules, terms", [
