@@ -100,19 +100,29 @@ def collate(processor, samples: list[dict], pad_id: int, encoded: dict | None = 
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "logits_to_keep")
 
 
-def model_inputs(batch: dict, device, dtype: torch.dtype, image_features: tuple[Tensor, ...]) -> dict:
-    """The model's kwargs for a collated batch, on device, floats in the model's dtype; the images enter
+def model_inputs(batch: dict, device, dtype: torch.dtype, image_features: tuple[Tensor, ...] | None) -> dict:
+    """The model's kwargs for a collated batch, on device, floats in the model's dtype. The images enter
     as ``image_features`` (one tensor per distinct image, ``image_features``), repeated per row, through
-    transformers' ``mm_encoder_outputs`` instead of pixel values."""
+    transformers' ``mm_encoder_outputs``; None: as each row's pixel values (the tower runs per row)."""
     out = {}
     for k in MODEL_KEYS:
         v = batch[k]
         if isinstance(v, Tensor):
             v = v.to(device, dtype=dtype if v.is_floating_point() else None)
         out[k] = v
-    per_row = tuple(image_features[i] for i in batch["image_index"])
-    out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+    if image_features is None:
+        out["pixel_values"] = torch.cat([image_pixels(batch, i) for i in batch["image_index"]]).to(device, dtype)
+    else:
+        per_row = tuple(image_features[i] for i in batch["image_index"])
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
     return out
+
+
+def image_pixels(batch: dict, i: int) -> Tensor:
+    """The processor's pixel rows of the batch's i-th distinct image."""
+    sizes = batch["unique_grid_thw"].prod(-1).tolist()
+    start = sum(sizes[:i])
+    return batch["pixel_values"][start:start + sizes[i]]
 
 
 def image_features(model, batch: dict, device, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -124,8 +134,9 @@ def image_features(model, batch: dict, device, dtype: torch.dtype) -> tuple[Tens
     return tuple(out.pooler_output)
 
 
-def shared_prompt_logits(module, hf, batch: dict, features: tuple, device) -> Tensor:
-    """``module`` (the model, or the DeepSpeed engine around it; ``hf`` the model): the logits of
+def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device, dtype: torch.dtype) -> Tensor:
+    """``module`` (the model, or the DeepSpeed engine around it; ``hf`` the model; ``features`` the
+    distinct images' vision features, or None to run the tower in the prompt pass): the logits of
     ``model_inputs(batch)``'s forward ([B, R + 1, V], the last R + 1 positions), with
     each distinct prompt run once (learner.shared_prompt):
 
@@ -143,10 +154,11 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple, device) -> Te
     P = ids.shape[1] - (batch["logits_to_keep"] - 1)
     positions, _ = hf.model.get_rope_index(ids, types, grid, attention_mask=mask)
     rows = torch.tensor(batch["image_index"], device=device)
-    first = torch.tensor([batch["image_index"].index(u) for u in range(len(features))], device=device)
+    first = torch.tensor([batch["image_index"].index(u) for u in range(len(batch["image_keys"]))], device=device)
+    images = ({"pixel_values": batch["pixel_values"].to(device, dtype)} if features is None else
+              {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}})
     prompt = module(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P],
-                    position_ids=positions[:, first, :P], image_grid_thw=grid[first],
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(features))},
+                    position_ids=positions[:, first, :P], image_grid_thw=grid[first], **images,
                     use_cache=True, logits_to_keep=1)
     if P == ids.shape[1]:  # no response tokens in this micro-batch
         return prompt.logits[rows]

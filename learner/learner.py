@@ -42,7 +42,8 @@ import deepspeed  # noqa: E402
 from deepspeed.runtime.zero import GatheredParameters  # noqa: E402
 
 from config import Config  # noqa: E402
-from learner.batch import collate, image_features, model_inputs, shared_prompt_logits, token_logprobs  # noqa: E402
+from learner.batch import (collate, image_features, image_pixels, model_inputs, shared_prompt_logits,  # noqa: E402
+                           token_logprobs)
 from learner.grpo import policy_loss  # noqa: E402
 from learner.phases import PhaseClock  # noqa: E402
 from learner.weights import checkpoint_names, param_bytes, plan_buckets, write_index, write_shard  # noqa: E402
@@ -226,24 +227,29 @@ class Learner:
             chunk = samples[i * mbs:(i + 1) * mbs]
             yield (chunk, True) if chunk else ([self._filler], False)
 
-    def _features(self, module, batch: dict, cache: dict) -> tuple[torch.Tensor, ...]:
+    def _features(self, module, batch: dict, cache: dict) -> tuple[torch.Tensor, ...] | None:
         """Vision features of the micro-batch's distinct images under ``module``'s own tower (policy or
         reference): the G answers of a group share one image, so the tower runs once per image, not once
         per row. A trained tower runs per micro-batch with gradients (the rows' gradients add up on their
-        image). A frozen one runs once per learner call: ``cache`` (one dict per call) keeps its features
-        for the later micro-batches and the other forwards. Not under ZeRO-3, where a forward of the
-        tower gathers its partitioned weights, a collective every rank must join equally often."""
+        image). A frozen one runs once per learner call under ZeRO-2: ``cache`` (one dict per call) keeps
+        its features for the later micro-batches and the other forwards. Under ZeRO-3 a forward of the
+        tower gathers its partitioned weights, a collective every rank must join equally often: no cache;
+        and a trained tower must run inside the engine's forward (ZeRO-3 follows the module order of its
+        forward and of the recomputation in backward to gather and release weights), so there None: the
+        pixel values go into the model (``_forward``)."""
         hf = module.module if isinstance(module, deepspeed.DeepSpeedEngine) else module
         frozen = not any(p.requires_grad for p in hf.model.visual.parameters())
-        if not frozen or self.cfg.learner.zero_stage == 3:
-            with torch.no_grad() if frozen else contextlib.nullcontext():
+        if self.cfg.learner.zero_stage == 3:
+            if not frozen:
+                return None
+            with torch.no_grad():
                 return image_features(hf, batch, self.device, self.dtype)
+        if not frozen:
+            return image_features(hf, batch, self.device, self.dtype)
         keys = [(id(hf), k) for k in batch["image_keys"]]
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
-            sizes = batch["unique_grid_thw"].prod(-1).tolist()
-            starts = np.cumsum([0] + sizes)
-            sub = {"pixel_values": torch.cat([batch["pixel_values"][starts[i]:starts[i + 1]] for i in missing]),
+            sub = {"pixel_values": torch.cat([image_pixels(batch, i) for i in missing]),
                    "unique_grid_thw": batch["unique_grid_thw"][missing]}
             with torch.no_grad():
                 cache.update(zip((keys[i] for i in missing), image_features(hf, sub, self.device, self.dtype)))
@@ -252,12 +258,13 @@ class Learner:
     def _forward(self, module, batch: dict, features: tuple, with_entropy: bool = False,
                  temperature: float | None = None):
         """Token logprobs under logits / T; T defaults to the rollout temperature (the sampling policy).
-        ``features``: the batch's images under ``module``'s vision tower (``_features``)."""
+        ``features``: the batch's images under ``module``'s vision tower (``_features``); None: the tower
+        runs inside this forward, on each distinct image (shared prompt) or on each row's."""
         hf = module.module if isinstance(module, deepspeed.DeepSpeedEngine) else module
         # transformers' checkpointed layers drop a cache passed to them while training
         checkpointed = hf.training and getattr(hf, "is_gradient_checkpointing", False)
         if self.cfg.learner.shared_prompt and not checkpointed:
-            logits = shared_prompt_logits(module, hf, batch, features, self.device)
+            logits = shared_prompt_logits(module, hf, batch, features, self.device, self.dtype)
         else:
             logits = module(**model_inputs(batch, self.device, self.dtype, features)).logits
         return token_logprobs(logits, batch["response_ids"].to(self.device),

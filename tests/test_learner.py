@@ -187,11 +187,12 @@ def grouped_samples(groups: int = 2, answers: int = 3, seed: int = 4) -> tuple[l
     return samples, [dict(s, image=s["image"].copy()) for s in samples]
 
 
-@pytest.mark.parametrize("path", ["grouped_features", "shared_prompt"])
+@pytest.mark.parametrize("path", ["grouped_features", "shared_prompt", "shared_prompt_pixels"])
 def test_grouped_paths_give_the_per_row_logprobs_and_gradients(policy_dir, path):
     """A trained vision tower, two prompts with three answers each. grouped_features: the tower on each
     distinct image once, features repeated per row; shared_prompt: besides, each prompt runs once and
-    its answers on its cached keys/values (learner.batch.shared_prompt_logits). Both give the logprobs and
+    its answers on its cached keys/values (learner.batch.shared_prompt_logits); shared_prompt_pixels: the
+    same with the tower inside the prompt pass (ZeRO-3, trained tower). All give the logprobs and
     the gradient of every parameter (the rows' gradients add up on their image and prompt) of
     transformers' own per-row forward (pixel values and whole prompt per row)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -212,8 +213,11 @@ def test_grouped_paths_give_the_per_row_logprobs_and_gradients(policy_dir, path)
         else:
             assert batch["image_index"] == [0, 0, 0, 1, 1, 1] and batch["pixel_values"].shape[0] == 2 * 64
             features = image_features(model, batch, "cpu", torch.float32)
-            logits = (model(**model_inputs(batch, "cpu", torch.float32, features)).logits if mode == "grouped_features"
-                      else shared_prompt_logits(model, model, batch, features, "cpu"))
+            if mode == "grouped_features":
+                logits = model(**model_inputs(batch, "cpu", torch.float32, features)).logits
+            else:
+                logits = shared_prompt_logits(model, model, batch, None if mode.endswith("pixels") else features,
+                                              "cpu", torch.float32)
         logp, _ = token_logprobs(logits, batch["response_ids"])
         (logp * batch["response_mask"] * torch.linspace(-1, 1, len(grouped))[:, None]).sum().backward()
         results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -391,6 +395,29 @@ def test_zero3_frozen_vision_with_checkpointing_trains_and_syncs_only_the_langua
         assert torch.equal(before[k], after[k]) == k.startswith("visual."), k
     synced = [k for b in frozen.weight_buckets(100_000) for k, _ in b]
     assert synced == [k for k in after if not k.startswith("visual.")] and len(synced) > 0
+
+
+def test_zero3_trained_vision_with_checkpointing_trains_syncs_and_scores(policy_dir, tmp_path):
+    """ZeRO-3 with a trained vision tower: the tower runs inside the engine's forward, on the distinct
+    images (ZeRO-3 gathers and releases weights in the module order of its forward and of the
+    recomputation in backward; run outside it, with gradient checkpointing, the mode matrix's jobs found
+    weights still in flight at the next weight sync). Two GRPO steps on groups, a full weight gather,
+    and logprobs that match transformers' own forward of the exported policy."""
+    from transformers import AutoModelForImageTextToText
+
+    from learner.learner import Learner
+
+    cfg = learner_config(3, freeze_vision=False, gradient_checkpointing=True, kl_coef=0.05)
+    learner = Learner(cfg, str(policy_dir), master_port=_free_port())
+    grouped, _ = grouped_samples()
+    for _ in range(2):
+        assert np.isfinite(learner.train_step(grouped)["loss"])
+    assert len(_all_weights(learner)) > 0  # the weight sync's gather
+    learner.export_hf(tmp_path / "trained")
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "trained")).eval()
+    for got, s in zip(learner.logprobs(grouped, temperature=1.0), grouped):
+        if s["response_ids"]:
+            assert torch.allclose(torch.tensor(got), hf_logprobs(model, learner.processor, s), atol=1e-5)
 
 
 def test_deepspeed_config_follows_learner_config():
