@@ -111,6 +111,9 @@ def test_resize_between_steps_and_bad_group(groups):
     pool.resize(3)
     env = ray.get(pool.workers[2].actor.__ray_call__.remote(lambda self: __import__("os").environ["OMP_NUM_THREADS"]))
     assert env == "2"
+    # The pool dispatches to started actors first: wait for the three constructors (the pool's own
+    # readiness refs), so that the spread below does not depend on how fast the new actors start.
+    ray.get([w.ready for w in pool.workers if w.ready is not None])
     for key in ["s0", "s1", "s2"]:
         pool.submit(key, gs[key])
     assert [len(w.inflight) for w in pool.workers] == [1, 1, 1]
