@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -240,11 +240,37 @@ class ResourcesConfig(Section):
         0.0, ge=0, description="Ray GPUs per actor: fractions below 1 share a GPU (0.25: four reward workers "
         "per GPU), above 1 whole numbers only.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads inside the actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor (learner: per rank's bundle), e.g. "
+        "{rollout_node: 1}: the actors go only to nodes started with that resource (`ray start --resources`).")
 
     @model_validator(mode="after")
     def _check(self):
         if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
             raise ValueError(f"num_gpus above 1 must be a whole number (Ray), got {self.num_gpus}")
+        return self
+
+
+class RewardAutoscaleConfig(Section):
+    enabled: bool = Field(
+        False, description="Between steps, add a reward worker when the reward tail (last group generated -> its "
+        "reward) exceeds up_tail_fraction of the step while groups queued behind each other; remove one when the "
+        "tail stays below down_tail_fraction, or a worker scored nothing, for cooldown_steps steps. Overrides "
+        "cluster.reward_workers' size afterwards; requests go to Ray (its autoscaler adds nodes when configured).")
+    min_workers: int = Field(1, ge=1, description="Fewest reward workers the autoscaler keeps.")
+    max_workers: int = Field(4, ge=1, description="Most reward workers the autoscaler starts.")
+    up_tail_fraction: float = Field(0.25, gt=0, lt=1, description="Add a worker when the reward tail exceeds this fraction of the step.")
+    down_tail_fraction: float = Field(0.05, ge=0, lt=1, description="Remove a worker when the tail stays below this fraction of the step.")
+    cooldown_steps: int = Field(3, ge=1, description="Steps after a decision before the next one, and the window a "
+                                "scale-down looks back over.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers: must be >= min_workers ({self.min_workers}), got {self.max_workers}")
+        if self.down_tail_fraction >= self.up_tail_fraction:
+            raise ValueError(f"down_tail_fraction: must be below up_tail_fraction ({self.up_tail_fraction}), "
+                             f"got {self.down_tail_fraction}")
         return self
 
 
@@ -265,6 +291,11 @@ class ClusterConfig(Section):
         "computes beside (an on-policy GRPO step or a warm-start step: the rollout workers wait for it), e.g. the "
         "cores the rollout actors use while generating. 0: cluster.learner.torch_threads. Off-policy GRPO steps "
         "keep torch_threads (the next round generates meanwhile).")
+    max_learner_restarts: int = Field(
+        2, ge=0, description="When a learner rank dies, the learner group restarts in the same job from the latest "
+        "checkpoint (at most train.checkpoint_every steps redone), up to this many times; 0: the job stops.")
+    reward_autoscale: RewardAutoscaleConfig = Field(
+        default_factory=RewardAutoscaleConfig, description="The reward pool sizing itself between steps.")
     call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
     sync_timeout_s: float = Field(
@@ -285,7 +316,8 @@ class TrackingConfig(Section):
     mlflow_uri: Optional[str] = Field(
         None, description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.")
     experiment: str = Field("seg-grpo", description="MLflow experiment name.")
-    run_name: Optional[str] = Field(None, description="MLflow run name (default: generated).")
+    run_name: Optional[str] = Field(
+        None, description="MLflow run name. Empty: the config file's name and the seed, e.g. default-seed0.")
     log_model: bool = Field(True, description="Export the final policy to train.output_dir/final_policy (HF "
                             "directory) and log it, and best_policy, as MLflow artifacts.")
     system_metrics: bool = Field(True, description="Log MLflow system metrics (CPU, memory, GPU) of the driver's node.")
@@ -301,6 +333,12 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    _source: str = PrivateAttr("config")  # the YAML file's name without .yaml (load_config sets it)
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run's name: tracking.run_name, else the config file's name and the seed."""
+        return self.tracking.run_name or f"{self._source}-seed{self.train.seed}"
 
     @model_validator(mode="after")
     def _across_sections(self):
@@ -342,7 +380,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except Exception as exc:  # YAML syntax errors and the like
         raise ConfigError(f"config error: {path}: {exc}") from exc
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
+        cfg._source = path.stem
+        return cfg
     except ValidationError as exc:
         err = exc.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
@@ -350,7 +390,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config error: {msg}") from None
         field = ".".join(str(p) for p in err["loc"])
         named = re.match(r"(\w+): (.*)", msg, re.DOTALL)  # a section's check naming one of its fields
-        if named and "." not in field and named.group(1) in Config.model_fields[field].annotation.model_fields:
+        section = Config
+        for part in err["loc"]:
+            annotation = section.model_fields[part].annotation if part in section.model_fields else None
+            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if section is None:
+                break
+        if named and section is not None and named.group(1) in section.model_fields:
             field, msg = f"{field}.{named.group(1)}", named.group(2)
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise ConfigError(f"config error: {field}: {msg}{got}") from None

@@ -60,6 +60,7 @@ def train(cfg, resume: str | None = None) -> None:
 
     from cluster.evaluation import evaluate_and_log
     from cluster.job import Job
+    from cluster.learners import LearnerLost
     from cluster.tracking import start_run
 
     job = Job.start(cfg, resume)
@@ -74,21 +75,29 @@ def train(cfg, resume: str | None = None) -> None:
             if cfg.eval.enabled and job.step == 0:
                 evaluate_and_log(job, 0)
 
-            # 2. GRPO, one step at a time; evaluations and checkpoints between steps.
-            bar = tqdm(range(job.step + 1, cfg.train.steps + 1), desc="grpo", unit="step", initial=job.step,
-                       total=cfg.train.steps)
-            for step in bar:
-                metrics = grpo_step(job, step)
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-                if not metrics["batch/skipped"]:
-                    bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", gen=f"{metrics['time/generate']:.1f}s",
-                                    learn=f"{metrics['time/learner']:.1f}s", sync=f"{metrics['time/sync']:.1f}s")
-                job.publish(step, metrics)
-                if step < cfg.train.steps and cfg.eval.enabled and cfg.eval.every_n_steps \
-                        and step % cfg.eval.every_n_steps == 0:
-                    evaluate_and_log(job, step)
-                if step < cfg.train.steps and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    job.save_checkpoint()
+            # 2. GRPO, one step at a time; between steps: the reward pool's autoscaler, lost nodes, evaluations,
+            # checkpoints. A learner rank lost on the way: the learner group restarts from the latest
+            # checkpoint and the loop goes on from its step.
+            bar = tqdm(desc="grpo", unit="step", initial=job.step, total=cfg.train.steps)
+            while job.step < cfg.train.steps:
+                step = job.step + 1
+                try:
+                    metrics = grpo_step(job, step)
+                    metrics.update(job.autoscale_rewards(step, metrics))
+                    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+                    if not metrics["batch/skipped"]:
+                        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", gen=f"{metrics['time/generate']:.1f}s",
+                                        learn=f"{metrics['time/learner']:.1f}s", sync=f"{metrics['time/sync']:.1f}s")
+                    job.watch_nodes(step)
+                    job.publish(step, metrics)
+                    if step < cfg.train.steps and cfg.eval.enabled and cfg.eval.every_n_steps \
+                            and step % cfg.eval.every_n_steps == 0:
+                        evaluate_and_log(job, step)
+                    if step < cfg.train.steps and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                        job.save_checkpoint()
+                except LearnerLost as lost:
+                    job.recover_learners(lost)
+                bar.update(job.step - bar.n)
             bar.close()
 
             # 3. The end: held-out evaluation, learning curve, checkpoint, the policies as HF directories.
@@ -109,7 +118,7 @@ def finish(job) -> None:
     if cfg.eval.enabled:
         evaluate_and_log(job, job.step)
     curve = plot_learning_curve(metric_history(job.run_id), job.out / "learning_curve.png",
-                                title=f"{cfg.tracking.run_name or 'default run'}, train.seed {cfg.train.seed}")
+                                title=cfg.run_name)
     mlflow.log_artifact(str(curve))
     job.save_checkpoint()
     if cfg.tracking.log_model:
@@ -233,8 +242,8 @@ def trainable(groups: list, dynamic_sampling: bool) -> tuple[list, Counter]:
 
 def step_metrics(job, groups: list, learner_metrics: dict, metrics: dict, staleness: int, seconds: float) -> dict:
     """Everything one step logs: rewards and advantages of the trained groups, the learner's numbers,
-    stage times, throughput, weight version, staleness, reward pool throughput (``metrics`` holds the
-    round's: pool sizes, redone chunks, dropped and renamed groups)."""
+    stage times, throughput, weight version, staleness, reward pool throughput and queueing, dataset rows
+    skipped so far (``metrics`` holds the round's: pool sizes, redone chunks, dropped and renamed groups)."""
     from rollout.group import batch_metrics
 
     out = {**batch_metrics(groups), **learner_metrics, **metrics}
@@ -244,7 +253,8 @@ def step_metrics(job, groups: list, learner_metrics: dict, metrics: dict, stalen
                 "weight_version": job.version, "rollout/staleness": staleness,
                 # which prompts this step trained on, as a number MLflow can plot (resume checks)
                 "batch/ids_crc": zlib.crc32(",".join(g.sample.id for g in groups).encode()) % 2**24,
-                "pool/reward_samples_per_s": pool["samples_per_s"]})
+                "pool/reward_samples_per_s": pool["samples_per_s"], "pool/queued_groups": pool["queued_groups"],
+                "pool/idle_workers": pool["idle_workers"], **job.data.skipped_metrics()})
     return out
 
 

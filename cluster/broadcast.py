@@ -7,8 +7,9 @@ One sync (``sync``), in three phases, each bounded by ``cluster.sync_timeout_s``
    are idle and no collective can wait on a busy peer. A worker that died is waited for (Ray
    restarts it); a restarted or new worker has no group (epoch None).
 2. Group. If the workers are not exactly the group's members (a restart, a scale-up or -down since
-   the last sync), the group is built anew with the next epoch: learner rank 0 serves a fresh store
-   on a free port, every member joins at once. Nothing waits on a removed worker: it is not a member.
+   the last sync, or a restarted learner group), the group is built anew with the next epoch: learner
+   rank 0 serves a fresh store on a free port, every member joins at once. Nothing waits on a removed
+   worker: it is not a member.
 3. Broadcast. The learner ranks stream the buckets (ZeRO-3: all ranks gather, rank 0 sends) while
    every worker receives them into one vLLM update session. Each bucket's checksum is compared
    between the sender and every receiving process (TP ranks included); a mismatch raises
@@ -62,6 +63,7 @@ class WeightBroadcast:
     def __init__(self, cfg):
         self.cfg = cfg
         self.members: list = []  # the workers the current group was built for, in rank order
+        self.sender = None       # and its learner rank 0 (a restarted learner group needs a new group)
         self.epoch = 0
         self.plan: list | None = None
 
@@ -100,7 +102,7 @@ class WeightBroadcast:
 
         # 2. A new group when the members changed.
         built = 0
-        if self.members != workers or any(e != self.epoch for e in epochs):
+        if self.members != workers or self.sender is not rank0 or any(e != self.epoch for e in epochs):
             self.epoch += 1
             built = 1
             world = 1 + len(workers) * tp
@@ -110,7 +112,7 @@ class WeightBroadcast:
             joins = [w.join_weight_group.remote(address, port, 1 + i * tp, world, op_timeout, self.epoch)
                      for i, w in enumerate(workers)]
             self._answers(workers, joins, deadline, "building the group", sender=sender)
-            self.members = list(workers)
+            self.members, self.sender = list(workers), rank0
             log.info("weight broadcast group %d: learner rank 0 + %d rollout worker(s), %d processes, %s:%d",
                      self.epoch, len(workers), world, address, port)
 

@@ -7,6 +7,7 @@ The driver publishes its status after every step and applies scaling requests be
 from __future__ import annotations
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 NAMESPACE = "seg-grpo"
 
@@ -52,7 +53,9 @@ def start_controller(job_name: str):
         ray.kill(ray.get_actor(job_name, namespace=NAMESPACE))
     except ValueError:
         pass
-    return JobController.options(name=job_name, namespace=NAMESPACE, lifetime=None).remote()
+    # On the driver's node: operators' requests and the status must outlive any worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return JobController.options(name=job_name, namespace=NAMESPACE, lifetime=None, scheduling_strategy=here).remote()
 
 
 def find_controller(job_name: str, address: str | None):

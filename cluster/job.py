@@ -18,12 +18,13 @@ from pathlib import Path
 import ray
 
 from cluster import checkpoint
+from cluster.autoscale import RewardAutoscaler
 from cluster.controller import NAMESPACE, start_controller
-from cluster.learners import LearnerGroup
+from cluster.learners import LearnerGroup, LearnerLost
 from cluster.plan import check as check_plan
 from cluster.reward_pool import RewardPool
 from cluster.rollout import CompletedRound, RolloutGroup, RolloutRound
-from cluster.topology import format_topology, topology
+from cluster.topology import ActorTable, format_topology
 from config import REPO, Config
 from data.dataset import ParquetSource, Sample
 from data.prepare import held_out_samples, prepare_data
@@ -53,6 +54,11 @@ def connect(cfg: Config) -> str:
     ray.init(address="local", num_cpus=max(2 * int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
              runtime_env=runtime_env(), log_to_driver=True, namespace=NAMESPACE)
     return "local"
+
+
+def alive_nodes() -> dict[str, str]:
+    """The cluster's alive nodes: node id -> address."""
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
 
 def runtime_env() -> dict:
@@ -89,7 +95,12 @@ class Job:
     run_id: str | None = None
     pending: RolloutRound | CompletedRound | None = None  # one-step off-policy: the next step's round
     best: dict | None = None  # the best evaluation so far: {"step", "giou", "giou_se"} (eval.keep_best)
-    places: list = field(default_factory=list)  # topology rows, for cluster.status
+    places: list = field(default_factory=list)  # the actors' rows (cluster/topology.py), for cluster.status
+    actors: ActorTable = field(default_factory=ActorTable)
+    nodes: dict = field(default_factory=dict)   # alive Ray nodes: node id -> address
+    events: list = field(default_factory=list)  # node lost, learner restarted, reward pool autoscaled...
+    autoscaler: RewardAutoscaler | None = None
+    learner_restarts: int = 0
 
     @property
     def warm_start_dir(self) -> Path:
@@ -128,8 +139,12 @@ class Job:
         rollouts.ready()
         job = cls(cfg, out, policy_path, ParquetSource(train_path, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
                   eval_samples, learners, rollouts, reward_pool, controller, where)
-        job.refresh_topology()
-        log.info("actors ready in %.1f s; topology:\n%s", time.perf_counter() - t0, format_topology(job.places))
+        job.refresh_topology(wait_s=cfg.cluster.startup_timeout_s)
+        job.nodes = alive_nodes()
+        if cfg.cluster.reward_autoscale.enabled:
+            job.autoscaler = RewardAutoscaler(cfg.cluster.reward_autoscale)
+        log.info("actors ready in %.1f s on %d node(s); topology:\n%s", time.perf_counter() - t0, len(job.nodes),
+                 format_topology(job.places))
         if cfg.reward.mask_iou != "off" and cfg.reward.segmenter == "grabcut":
             log.info("mask reward: OpenCV GrabCut (weight-free stand-in for SAM2; set reward.segmenter=sam2 "
                      "reward.sam2_checkpoint=PATH for production masks)")
@@ -157,7 +172,7 @@ class Job:
         self.data.load_state_dict(state["data"])
         self.step, self.sft_done, self.run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
         self.version = state["weight_version"]
-        self.rollouts.versions.update(state.get("versions", ()))
+        self.rollouts.versions = {0, *state.get("versions", ())}  # in-job recovery: later versions are void
         self.best = state.get("best")
         if state.get("pending") is not None:
             self.pending = CompletedRound(*state["pending"])
@@ -197,18 +212,93 @@ class Job:
             rollouts.resize(requested["rollout_workers"])
         self.refresh_topology()
 
-    def refresh_topology(self) -> None:
-        self.places = topology({"learner": self.learners.ranks, "rollout": self.rollouts.workers,
-                                "reward": [w.actor for w in self.reward_pool.workers]})
+    def refresh_topology(self, wait_s: float = 0.0) -> None:
+        """The actors' rows, as far as they have answered (``wait_s``: wait for all), with queue depths:
+        reward groups in flight per worker; rollout chunks in flight per worker (the pending round's)."""
+        self.places = self.actors.refresh({"learner": self.learners.ranks, "rollout": self.rollouts.workers,
+                                           "reward": [w.actor for w in self.reward_pool.workers]}, wait_s)
+        chunks = [w for _, w in getattr(self.pending, "pending", {}).values()]
+        queues = {"reward": [len(w.inflight) for w in self.reward_pool.workers],
+                  "rollout": [sum(1 for w in chunks if w is worker) for worker in self.rollouts.workers]}
+        for row in self.places:
+            if row["role"] in queues and row["index"] < len(queues[row["role"]]):
+                row["queue"] = queues[row["role"]][row["index"]]
 
     def publish(self, step: int, timings: dict) -> None:
-        """The job's state for ``python -m cluster.status``."""
-        pool = self.reward_pool.stats()
+        """The job's live state for ``python -m cluster.status``: actors, nodes, the last step's times,
+        the autoscaler's last decision, recent events."""
+        self.refresh_topology()
+        decision = self.autoscaler.last if self.autoscaler else None
         self.controller.publish.remote({
             "step": step, "steps": self.cfg.train.steps, "phase": "grpo", "weight_version": self.version,
-            "topology": self.places, "rollout_versions": self.rollouts.weight_versions(),
-            "reward_inflight": [w["inflight"] for w in pool["workers"]],
-            "last_step": {k: v for k, v in timings.items() if k.startswith("time/")}})
+            "run": self.cfg.run_name, "mlflow_run_id": self.run_id, "topology": self.places,
+            "nodes": [{"node_id": n, "address": a} for n, a in self.nodes.items()],
+            "last_step": {k: v for k, v in timings.items() if k.startswith("time/")},
+            "autoscale": None if decision is None else vars(decision), "events": self.events[-10:],
+            "learner_restarts": self.learner_restarts})
+
+    # -- failures and autoscaling, between steps ---------------------------------------------------
+    def event(self, step: int, kind: str, **details) -> None:
+        """Logged, counted in MLflow (``cluster/<kind>``: how many so far, at this step) and kept in the
+        run's ``events.jsonl`` artifact and in cluster.status."""
+        import mlflow
+
+        entry = {"step": step, "kind": kind, "time": time.time(), **details}
+        self.events.append(entry)
+        log.warning("event at step %d: %s %s", step, kind, details)
+        if mlflow.active_run() is not None:
+            mlflow.log_metric(f"cluster/{kind}", sum(e["kind"] == kind for e in self.events), step=step)
+            mlflow.log_text("\n".join(json.dumps(e, default=str) for e in self.events) + "\n", "events.jsonl")
+
+    def watch_nodes(self, step: int) -> None:
+        """Ray nodes lost or added since the last look: an event each (with the actors last seen on a lost
+        node; Ray restarts them elsewhere, the pools and rounds redo their work)."""
+        alive = alive_nodes()
+        for node, address in self.nodes.items():
+            if node not in alive:
+                on_it = [f"{r['role']} {r['index']}" for r in self.places if r.get("node_id") == node]
+                self.event(step, "node_lost", node_id=node, address=address, actors=on_it)
+        for node in alive.keys() - self.nodes.keys():
+            self.event(step, "node_added", node_id=node, address=alive[node])
+        self.nodes = alive
+
+    def autoscale_rewards(self, step: int, metrics: dict) -> dict:
+        """cluster.reward_autoscale: one decision from this step's reward tail (cluster/autoscale.py);
+        the pool resized at once (groups in flight on a removed worker move). Returns its metrics."""
+        if self.autoscaler is None or metrics.get("batch/skipped"):
+            return {}
+        pool = self.reward_pool
+        d = self.autoscaler.decide(len(pool.workers), metrics["time/reward_tail"], metrics["time/step"],
+                                   metrics["pool/queued_groups"], metrics["pool/idle_workers"])
+        if d.change:
+            self.event(step, "reward_autoscale", workers_from=len(pool.workers), workers_to=d.workers, reason=d.reason)
+            pool.resize(d.workers)
+        return {"autoscale/reward_workers": d.workers, "autoscale/change": d.change,
+                "autoscale/tail_fraction": d.tail_fraction}
+
+    def recover_learners(self, lost: LearnerLost) -> None:
+        """A learner rank died: the group restarts from this run's latest checkpoint (step, data position,
+        weights, optimizer, the pending off-policy round), the rollout workers get its weights, and the
+        job goes on in the same MLflow run. Bounded by cluster.max_learner_restarts."""
+        limit = self.cfg.cluster.max_learner_restarts
+        self.learner_restarts += 1
+        if self.learner_restarts > limit:
+            raise RuntimeError(f"{lost}; the learner group was restarted {limit} time(s) already "
+                               "(cluster.max_learner_restarts)") from lost
+        ckpt = checkpoint.latest_of_run(self.out, self.run_id) if self.run_id else None
+        if ckpt is None:
+            raise RuntimeError(f"{lost}, before this run's first checkpoint: nothing to restart from "
+                               "(train.checkpoint_every sets how often one is written)") from lost
+        t0, failed_step = time.perf_counter(), self.step
+        if isinstance(self.pending, RolloutRound):  # made with weights that are about to be void
+            self.pending.finish()
+        self.pending = None
+        log.warning("%s at step %d; restarting the learner group from %s", lost, failed_step, ckpt)
+        self.learners.restart()
+        self.restore(ckpt)  # collective weight sync: a new sender, so a new broadcast group
+        self.refresh_topology()
+        self.event(failed_step, "learner_restart", checkpoint=str(ckpt), resumes_at=self.step + 1,
+                   steps_redone=failed_step - self.step, seconds=round(time.perf_counter() - t0, 1), cause=str(lost))
 
     def shutdown(self) -> None:
         """Every actor of the job killed, its placement groups removed; a local Ray stopped."""

@@ -26,6 +26,26 @@ from rollout.group import InvariantError
 log = logging.getLogger(__name__)
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died (its process or node); the job can restart the group from a checkpoint."""
+
+
+def get_all(refs: list, timeout_s: float) -> list:
+    """ray.get of every rank's result, failing as soon as one rank dies: the others are then blocked in
+    a collective with it and would only answer at the timeout."""
+    deadline, waiting = time.monotonic() + timeout_s, list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"learner ranks: no answer within {timeout_s:.0f} s "
+                                                 "(cluster.call_timeout_s)")
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerLost(f"learner rank {refs.index(done[0])} died: {type(exc).__name__}") from exc
+    return ray.get(refs)
+
+
 class LearnerGroup:
     def __init__(self, cfg: Config, policy_path: str):
         """Starts one actor per rank in a placement group (bundle r = rank r); rank 0's node hosts the
@@ -33,7 +53,7 @@ class LearnerGroup:
         self.cfg, self.policy_path = cfg, policy_path
         self.timeout_s = cfg.cluster.call_timeout_s
         res, world = cfg.cluster.learner, cfg.cluster.learner_ranks
-        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
         self.placement_group = placement_group([bundle] * world, strategy="PACK")
         ray.get(self.placement_group.ready(), timeout=cfg.cluster.startup_timeout_s)
         self._start_ranks()
@@ -64,16 +84,14 @@ class LearnerGroup:
                 if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
                     raise
                 log.warning("learner rendezvous port taken meanwhile (EADDRINUSE); restarting the ranks on another")
-                for rank in self.ranks:
-                    ray.kill(rank, no_restart=True)
-                    PLACEMENT.pop(rank, None)
+                self._kill_ranks()
                 self._start_ranks()
 
     # -- collective calls -----------------------------------------------------------------------
     def _all(self, method: str, *args, shards: list | None = None) -> list:
         refs = [getattr(rank, method).remote(*((shards[r],) if shards else ()), *args)
                 for r, rank in enumerate(self.ranks)]
-        return ray.get(refs, timeout=self.timeout_s)
+        return get_all(refs, self.timeout_s)
 
     def _shards(self, batch: list[dict]) -> list[list[dict]]:
         return [batch[r::len(self.ranks)] for r in range(len(self.ranks))]
@@ -88,7 +106,7 @@ class LearnerGroup:
         while while_waiting is not None and time.monotonic() < deadline and \
                 ray.wait(refs, num_returns=len(refs), timeout=0.1)[1]:
             while_waiting()
-        metrics = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))[0]
+        metrics = get_all(refs, max(1.0, deadline - time.monotonic()))[0]
         if round(metrics["trained_seqs"]) != len(batch):  # each sequence trained once, on one rank
             raise InvariantError(f"the learner ranks trained {metrics['trained_seqs']:.0f} sequences; the batch "
                                  f"holds {len(batch)}")
@@ -129,10 +147,21 @@ class LearnerGroup:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         return refs
 
-    def shutdown(self) -> None:
+    def restart(self) -> None:
+        """Every rank killed and started afresh in the same placement group (Ray re-places its bundles
+        when a node was lost), on a new rendezvous port; waits until they are up. Their state comes from
+        a checkpoint next (``load_checkpoint``)."""
+        self._kill_ranks()
+        self._start_ranks()
+        self.ready()
+
+    def _kill_ranks(self) -> None:
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
             PLACEMENT.pop(rank, None)
+
+    def shutdown(self) -> None:
+        self._kill_ranks()
         remove_placement_group(self.placement_group)
 
 
@@ -149,3 +178,5 @@ def _stream(stream, deadline: float, too_slow: Exception):
             yield next(stream)
         except StopIteration:
             return
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerLost(f"a learner rank died while streaming its weights: {type(exc).__name__}") from exc

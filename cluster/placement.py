@@ -39,7 +39,7 @@ def actor_options(res: ResourcesConfig, **extra) -> dict:
     threads = str(res.torch_threads)
     return dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
-                **extra)
+                **({"resources": res.resources} if res.resources else {}), **extra)
 
 
 @ray.remote(num_cpus=0)
@@ -84,7 +84,7 @@ def rollout_placement(cfg: Config, timeout_s: float | None = None) -> tuple[dict
     if res.num_gpus != 1:
         raise ValueError(f"cluster.rollout.num_gpus must be 1 (one GPU per tensor-parallel rank) with "
                          f"rollout.tensor_parallel_size={tp}, got {res.num_gpus}")
-    bundle = {"GPU": 1, "CPU": res.num_cpus}
+    bundle = {"GPU": 1, "CPU": res.num_cpus, **res.resources}
     pg = placement_group([bundle] * tp, strategy="STRICT_PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s if timeout_s is not None else cfg.cluster.startup_timeout_s)
@@ -96,6 +96,7 @@ def rollout_placement(cfg: Config, timeout_s: float | None = None) -> tuple[dict
     options = actor_options(res, scheduling_strategy=PlacementGroupSchedulingStrategy(
         pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True))
     options["num_gpus"] = 0
+    options.pop("resources", None)  # the bundle holds them
     return options, pg
 
 

@@ -54,7 +54,7 @@ class RewardPool:
         threads = resources.get("torch_threads")  # optional; else Ray's default OMP_NUM_THREADS = num_cpus
         self._actor_class = ray.remote(RewardWorker).options(
             num_cpus=float(resources.get("num_cpus", 1)), num_gpus=num_gpus,
-            max_restarts=-1, max_task_retries=1,
+            max_restarts=-1, max_task_retries=1, resources=dict(resources.get("resources") or {}),
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None)
         self._device = "cuda" if num_gpus > 0 else "cpu"
         self.workers: list[_Worker] = [self._start() for _ in range(num_workers)]
@@ -63,6 +63,7 @@ class RewardPool:
         self._results: dict = {}  # key -> scores, until collected
         self._t_first: float | None = None
         self._t_last: float | None = None
+        self._queued = 0  # groups dispatched to a busy worker, since the last stats reset
 
     def _start(self) -> _Worker:
         actor = self._actor_class.remote(self.cfg, self._device)
@@ -87,6 +88,8 @@ class RewardPool:
         now = time.monotonic()
         if not worker.inflight:
             worker.last_progress = now
+        else:
+            self._queued += 1  # waits behind another group: one more worker would have scored it at once
         self._t_first = self._t_first or now
         worker.inflight[worker.actor.score_group.remote(self._groups[key])] = key
 
@@ -188,18 +191,21 @@ class RewardPool:
 
     def stats(self, reset: bool = False) -> dict:
         """Per-worker groups/samples scored and in flight; pool throughput in samples/s since the first
-        dispatch (or the last reset) to the last completion."""
+        dispatch (or the last reset) to the last completion; groups that queued behind another on a busy
+        worker, and started workers that scored nothing (the autoscaler's signals)."""
         elapsed = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
         rate = lambda n: n / elapsed if elapsed > 0 else 0.0  # noqa: E731
         samples = sum(w.samples for w in self.workers)
         out = {"num_workers": len(self.workers), "groups": sum(w.groups for w in self.workers),
-               "samples": samples, "samples_per_s": rate(samples),
+               "samples": samples, "samples_per_s": rate(samples), "queued_groups": self._queued,
+               "idle_workers": sum(1 for w in self.workers if w.ready is None and not w.groups),
                "workers": [{"groups": w.groups, "samples": w.samples, "samples_per_s": rate(w.samples),
                             "inflight": len(w.inflight)} for w in self.workers]}
         if reset:
             for w in self.workers:
                 w.groups = w.samples = 0
             self._t_first = self._t_last = None
+            self._queued = 0
         return out
 
     def evaluate(self, samples: list, responses: list[str], tokens: list[int], model_size: int, overlays: int,

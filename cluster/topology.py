@@ -1,4 +1,5 @@
-"""Where every actor of the job runs: node, process, devices and placement group, printed at start-up."""
+"""Where every actor of the job runs (node, process, devices, placement group) and how it is doing (state,
+restarts, weight version): printed at start-up, kept live for ``python -m cluster.status``."""
 from __future__ import annotations
 
 import os
@@ -7,12 +8,14 @@ import ray
 from ray.util.placement_group import placement_group_table
 
 
-def _where(_actor_self) -> dict:
-    """Runs inside an actor (through Ray's ``__ray_call__``): its node, pid and visible devices."""
-    return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(),
-            "gpus": [str(g) for g in ray.get_gpu_ids()],
+def _where(actor_self) -> dict:
+    """Runs inside an actor (through Ray's ``__ray_call__``): its node, pid, visible devices, and its
+    weight version when it has one (a rollout worker)."""
+    return {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()],
             "gpu_share": ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0),
-            "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+            "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "weight_version": getattr(actor_self, "weight_version", None)}
 
 
 def _group_row(pg, bundle: int) -> dict:
@@ -26,19 +29,57 @@ def _group_row(pg, bundle: int) -> dict:
             "group_nodes": sorted({ips.get(n, n) for n in table["bundles_to_node_id"].values()})}
 
 
+class ActorTable:
+    """One row per actor of the job: role, index, state, node, pid, restarts, devices, placement, weight
+    version. Each refresh asks every actor where it is, in the background: a row changes when its actor
+    answers, so a refresh never waits behind a busy actor (``timeout_s`` > 0 waits for all, at start-up).
+    A new pid in a slot (Ray restarted the actor, or the pool replaced it) counts as a restart; an actor
+    that cannot answer (dead, restarting, its node lost) is shown ``down``."""
+
+    def __init__(self, placements: dict | None = None):
+        if placements is None:
+            from cluster.placement import PLACEMENT as placements
+        self.placements = placements
+        self.rows: dict[tuple[str, int], dict] = {}
+        self.asks: dict[tuple[str, int], tuple[object, object]] = {}  # slot -> (actor, its pending answer)
+
+    def refresh(self, pools: dict[str, list], timeout_s: float = 0.0) -> list[dict]:
+        """``pools`` maps a role to its actors; returns the rows (the last known state of each)."""
+        slots = set()
+        for role, actors in pools.items():
+            for i, actor in enumerate(actors):
+                slot = (role, i)
+                slots.add(slot)
+                self.rows.setdefault(slot, {"role": role, "index": i, "state": "starting", "restarts": 0,
+                                            "node": "-", "node_id": None, "pid": None, "gpus": []})
+                if slot not in self.asks or self.asks[slot][0] is not actor:
+                    self.asks[slot] = (actor, actor.__ray_call__.remote(_where))
+        for slot in set(self.rows) - slots:  # scaled down
+            self.rows.pop(slot)
+            self.asks.pop(slot, None)
+        refs = [ref for _, ref in self.asks.values()]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
+        for slot, (actor, ref) in list(self.asks.items()):
+            if ref not in ready:
+                continue
+            row = self.rows[slot]
+            try:
+                where = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                row["state"] = f"down ({type(exc).__name__})"
+            else:
+                if row["pid"] is not None and where["pid"] != row["pid"]:
+                    row["restarts"] += 1
+                row.update(where, state="alive")
+                if actor in self.placements:
+                    row.update(_group_row(*self.placements[actor]))
+            self.asks[slot] = (actor, actor.__ray_call__.remote(_where))  # asked again; read next refresh
+        return [self.rows[slot] for slot in sorted(self.rows, key=lambda s: (list(pools).index(s[0]), s[1]))]
+
+
 def topology(pools: dict[str, list], timeout_s: float = 60.0, placements: dict | None = None) -> list[dict]:
-    """One row per actor: role, index, node, pid, GPUs and, for actors in a placement group, the group,
-    the actor's bundle and the group's GPUs. ``pools`` maps a role name to its actors; ``placements``
-    maps an actor to its (placement group, bundle index), default ``cluster.placement.PLACEMENT``."""
-    if placements is None:
-        from cluster.placement import PLACEMENT as placements
-    rows = []
-    for role, actors in pools.items():
-        places = ray.get([a.__ray_call__.remote(_where) for a in actors], timeout=timeout_s)
-        for i, (actor, p) in enumerate(zip(actors, places)):
-            group = _group_row(*placements[actor]) if actor in placements else {}
-            rows.append({"role": role, "index": i, **p, **group})
-    return rows
+    """The rows of ``pools``, every actor waited for up to ``timeout_s`` (see ActorTable)."""
+    return ActorTable(placements).refresh(pools, timeout_s)
 
 
 def devices(row: dict) -> str:
@@ -53,11 +94,21 @@ def devices(row: dict) -> str:
 
 
 def format_topology(rows: list[dict]) -> str:
-    lines = [f"{'role':<10} {'#':>2}  {'node':<16} {'pid':>7}  {'devices':<28} placement"]
+    """The rows as a table; the live columns (state, restarts, weight version, queue) when present."""
+    live = any("state" in r for r in rows)
+    head = f"{'role':<10} {'#':>2}  {'node':<16} {'pid':>7}  {'devices':<28} "
+    if live:
+        head += f"{'state':<24} {'restarts':>8} {'weights':>7} {'queue':>5}  "
+    lines = [head + "placement"]
     for r in rows:
         place = "-"
         if "group" in r:
             place = (f"pg {r['group'][:8]} bundle {r['bundle']} of {r['bundles']} {r['strategy']} "
                      f"on {','.join(r['group_nodes'])}")
-        lines.append(f"{r['role']:<10} {r['index']:>2}  {r['node']:<16} {r['pid']:>7}  {devices(r):<28} {place}")
+        line = f"{r['role']:<10} {r['index']:>2}  {r['node']:<16} {str(r['pid'] or '-'):>7}  {devices(r):<28} "
+        if live:
+            version = "-" if r.get("weight_version") is None else f"v{r['weight_version']}"
+            line += (f"{r.get('state', '-'):<24} {r.get('restarts', 0):>8} {version:>7} "
+                     f"{str(r.get('queue', '-')):>5}  ")
+        lines.append(line + place)
     return "\n".join(lines)

@@ -41,7 +41,7 @@ def use_experiment(cfg: Config, name: str) -> None:
 def start_run(cfg: Config, run_id: str | None = None) -> mlflow.ActiveRun:
     """Open (or, with run_id, reopen) the job's MLflow run; a new run gets the config as params."""
     use_experiment(cfg, cfg.tracking.experiment)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.tracking.run_name,
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name,
                            log_system_metrics=cfg.tracking.system_metrics)
     if run_id is None:
         mlflow.log_params(config_params(cfg))

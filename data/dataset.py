@@ -215,6 +215,7 @@ class ParquetSource:
             raise ValueError(f"no rows in {path}")
         self.epoch, self.position = 0, 0
         self.skipped: Counter = Counter()
+        self._skipped_before: Counter = Counter()  # at the start of this epoch
         self._window: tuple[int, int, int, list] | None = None  # (epoch, window index, first position, rows)
 
     def __len__(self) -> int:
@@ -285,6 +286,7 @@ class ParquetSource:
         batch, misses = [], 0
         while len(batch) < k:
             if self.position >= self.num_rows:
+                self._end_epoch()
                 self.epoch, self.position = self.epoch + 1, 0
             sample = self._sample(self._row_at(self.epoch, self.position))
             self.position += 1
@@ -297,6 +299,19 @@ class ParquetSource:
                 batch.append(sample)
                 misses = 0
         return batch
+
+    def _end_epoch(self) -> None:
+        """One summary line per epoch: rows served and skipped (by reason), this epoch and in all."""
+        now = self.skipped - self._skipped_before
+        log.info("epoch %d of %s done: %d rows, %d served, %d skipped%s (all epochs: %s)", self.epoch, self.files[0],
+                 self.num_rows, self.num_rows - sum(now.values()), sum(now.values()),
+                 f" {dict(now)}" if now else "", dict(self.skipped) or "none skipped")
+        self._skipped_before = Counter(self.skipped)
+
+    def skipped_metrics(self) -> dict[str, int]:
+        """``data/skipped_rows/<reason>``: rows skipped so far (all epochs), and their total."""
+        return {"data/skipped_rows": sum(self.skipped.values()),
+                **{f"data/skipped_rows/{why}": n for why, n in self.skipped.items()}}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
@@ -311,6 +326,7 @@ class ParquetSource:
                 raise ValueError(f"data state mismatch: {key} was {state[key]}, is {mine[key]}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped = Counter(state.get("skipped", {}))
+        self._skipped_before = Counter(self.skipped)  # the epoch's summary counts from here
         self._window = None
 
     def iter_epoch(self) -> Iterator[Sample]:

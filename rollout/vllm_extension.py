@@ -30,10 +30,11 @@ runs the whole session with the buckets as they arrive.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
+
+from rollout.engine_logs import filter_expected_engine_warnings
 
 
 class WeightSyncExtension:
@@ -68,17 +69,13 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        # vLLM warns "Failed to load weights" for every layer that received nothing; here that is the
-        # documented case (frozen sub-models are not pushed and keep their weights), so it is silenced
-        # for this call only. A layer that received only part of its tensors is not covered by this.
-        layerwise_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = layerwise_log.level
-        layerwise_log.setLevel(logging.ERROR)
-        try:
-            with set_current_vllm_config(self.vllm_config):
-                finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
-        finally:
-            layerwise_log.setLevel(level)
+        # vLLM warns "Failed to load weights" for every layer that received nothing: here the documented
+        # case (frozen sub-models are not pushed and keep their weights), filtered (rollout/engine_logs.py;
+        # this may be vLLM's engine process, not the actor's). A layer that received only part of its
+        # tensors is not covered by this.
+        filter_expected_engine_warnings()
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
         self._loaded_weight_version = version
 
     # -- collective path (rollout/broadcast.py) ----------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from config import Config
 from policy.prompt import chat_prompt
+from rollout.engine_logs import filter_expected_engine_warnings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class RolloutWorker:
         self._tensors_by_reference = r.engine_in_process and r.tensor_parallel_size == 1
         args = engine_args(cfg, policy_path, seed, on_gpu)
         dtype = args["dtype"]
+        filter_expected_engine_warnings()
 
         from vllm import LLM
 

@@ -119,6 +119,17 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, caplog):
     assert dict(src.skipped) == {"bad_image": 1, "image_too_large": 1, "missing_field": 2, "bad_mask": 2,
                                  "size_mismatch": 1, "bad_geometry": 1}
     assert "r1" in caplog.text and "bad_image" in caplog.text
+    # Counted where an operator looks (MLflow, per GRPO step) and summarised once per epoch.
+    assert src.skipped_metrics() == {"data/skipped_rows": 8, "data/skipped_rows/bad_image": 1,
+                                     "data/skipped_rows/image_too_large": 1, "data/skipped_rows/missing_field": 2,
+                                     "data/skipped_rows/bad_mask": 2, "data/skipped_rows/size_mismatch": 1,
+                                     "data/skipped_rows/bad_geometry": 1}
+    with caplog.at_level(logging.INFO, logger="data.dataset"):
+        src.next_batch(4)  # crosses into epoch 1, then into epoch 2
+    summaries = [r.getMessage() for r in caplog.records if "done:" in r.getMessage()]
+    assert len(summaries) == 2 and "epoch 0" in summaries[0] and "11 rows, 3 served, 8 skipped" in summaries[0]
+    assert "epoch 1" in summaries[1] and "8 skipped" in summaries[1]
+    assert src.skipped_metrics()["data/skipped_rows"] == 16  # epoch 2 so far: r0 only
 
 
 def test_pixel_limit_is_configurable(tmp_path):

@@ -28,6 +28,9 @@ class Data:
         self.position += k
         return out
 
+    def skipped_metrics(self):
+        return {"data/skipped_rows": 0}
+
 
 class Round:
     """A finished round: answers and rewards made by ``answer(group)`` -> list of (tokens, total)."""
@@ -80,7 +83,8 @@ class Learners:
 
 def make_job(answer, ids="abcdefgh", *overrides, reported_version=None):
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=2", "train.steps=5", *overrides])
-    pool = SimpleNamespace(stats=lambda reset=False: {"num_workers": 1, "samples_per_s": 0.0, "workers": []})
+    pool = SimpleNamespace(stats=lambda reset=False: {"num_workers": 1, "samples_per_s": 0.0, "workers": [],
+                                                          "queued_groups": 0, "idle_workers": 0})
     return SimpleNamespace(cfg=cfg, data=Data(ids), rollouts=Rollouts(answer, reported_version), learners=Learners(),
                            reward_pool=pool, version=0, pending=None, step=0, apply_scaling=lambda step: None)
 

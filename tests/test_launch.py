@@ -1,6 +1,7 @@
 """End to end: `python launch.py` with every real engine (Ray, vLLM CPU, DeepSpeed, reward pool, MLflow),
-and a job killed right after a checkpoint that resumes exactly where it stopped. One-step off-policy,
-so the checkpoint also holds the round already generated for the next step."""
+a job killed right after a checkpoint that resumes exactly where it stopped, and a job whose learner
+process is killed mid-step and that restarts its learner group by itself. One-step off-policy, so the
+checkpoint also holds the round already generated for the next step."""
 import json
 import signal
 import subprocess
@@ -44,6 +45,10 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run, metric = history(full)
     assert run.data.params["rollout.group_size"] == "2"
+    assert run.info.run_name == "default-seed0"  # the config file's name and the seed
+    # vLLM's expected per-sync warnings are filtered at their logger, with one line saying so.
+    mentions = [line for line in proc.stderr.splitlines() if "Failed to load weights" in line]
+    assert len(mentions) == 1 and "filtering expected engine warnings" in mentions[0], mentions
     for name in PER_STEP:
         assert sorted(metric(name)) == list(range(1, STEPS + 1)), name
     assert list(metric("weight_version").values()) == [2.0 + s for s in range(1, STEPS + 1)]  # 2 warm-start steps
@@ -93,6 +98,20 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     assert a.keys() == b.keys()
     # Same computation on the same CPU: differences only from float summation order (none expected).
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # 3. The same job with learner rank 0 SIGKILLed at step 3, mid-step (its rollouts and rewards done, its
+    # update being sent): the job restarts the learner group by itself from the step-2 checkpoint, in the
+    # same MLflow run, redoes step 3 and ends with the parameters of the run resumed by hand above.
+    relearn = tmp_path / "relearn"
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_learner_at_step", "3", *launch(relearn)[2:]], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "killed learner rank 0" in proc.stderr and "restarting the learner group" in proc.stderr
+    _, relearned = history(relearn)
+    assert relearned("cluster/learner_restart") == {3: 1.0}
+    assert sorted(relearned("reward/total")) == list(range(1, STEPS + 1))
+    c = load_file(relearn / "final_policy" / "model.safetensors")
+    assert max((b[k] - c[k]).abs().max().item() for k in b) < 1e-5
 
 
 def assert_export_serves_same_logprobs(export: str, split: str) -> None:

@@ -49,21 +49,22 @@ LEVELS = {
     "rollout.weight_sync": ["rpc", "collective"],
     "learner.shared_prompt": ["true", "false"],
     "cluster.learner_update_threads": ["2", "0"],
+    "cluster.reward_autoscale.enabled": ["false", "true"],
 }
 # One row per job: the level index of each switch above, in order (a pairwise covering array).
 DESIGN = [
-    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0],
-    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0],
-    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1],
-    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1],
-    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
-    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0],
-    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1],
-    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0],
-    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0],
-    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1],
-    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0],
-    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
 # launch.py job, 80 steps), and runs 2 warm-start steps of its own (export, KL reference, sync).
@@ -71,7 +72,9 @@ COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8",
           "learner.lr=1e-4", "data.synthetic_train_size=128", "data.synthetic_eval_size=4", "eval.num_samples=4",
           f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
           "rollout.max_refills=2", "tracking.system_metrics=false", "tracking.log_model=false",
-          "cluster.sync_parity_check=true"]
+          "cluster.sync_parity_check=true",
+          # with the autoscaler on: a decision after every step, between 1 and 2 reward workers
+          "cluster.reward_autoscale.cooldown_steps=1", "cluster.reward_autoscale.max_workers=2"]
 WARM_START = ["train.steps=1", "train.sft_steps=80", "train.sft_batch_size=8", "train.sft_lr=2e-3",
               "learner.warmup_steps=5", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
               f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
@@ -194,3 +197,13 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
     assert ("best/step" in every) == cfg.eval.keep_best
     assert every["pool/rollout_workers"][1] == cfg.cluster.rollout_workers
     assert every["pool/reward_workers"][1] == cfg.cluster.reward_workers
+    if cfg.cluster.reward_autoscale.enabled:
+        # Each decision sizes the pool of the next round started: the next step's, or off-policy the one
+        # after (the next round already runs while the step ends). A resumed job starts anew.
+        decided, lag = every["autoscale/reward_workers"], 2 if settings["rollout.off_policy"] == "true" else 1
+        assert sorted(decided) == trained and set(decided.values()) <= {1, 2}
+        for step in trained:
+            if step + lag <= STEPS and not (resume and step <= 2):
+                assert every["pool/reward_workers"][step + lag] == decided[step], (every["pool/reward_workers"], decided)
+    else:
+        assert "autoscale/reward_workers" not in every

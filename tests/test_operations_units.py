@@ -1,0 +1,105 @@
+"""The pieces of operating a job, one at a time: the reward autoscaler's decisions, the learner group's
+fail-fast wait and its restart bounds, and cluster.status' text."""
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+from cluster.autoscale import RewardAutoscaler
+from cluster.job import Job
+from cluster.learners import LearnerLost, get_all
+from cluster.status import format_status
+from config import RewardAutoscaleConfig, load_config
+from tests.helpers import Gate
+
+
+def test_autoscaler_grows_on_a_queued_tail_and_shrinks_when_it_is_gone():
+    scaler = RewardAutoscaler(RewardAutoscaleConfig(enabled=True, min_workers=1, max_workers=3, up_tail_fraction=0.3,
+                                                    down_tail_fraction=0.05, cooldown_steps=2))
+    decide = lambda workers, tail, queued=0, idle=0: scaler.decide(workers, tail, 1.0, queued, idle)  # noqa: E731
+    # A long tail with groups queued behind each other: one more worker.
+    assert decide(1, 0.6, queued=2).change == 1
+    # Cool-down: nothing for cooldown_steps steps, whatever the tail.
+    assert [decide(2, 0.6, queued=2).change for _ in range(2)] == [0, 0]
+    assert "cooling down" in scaler.last.reason
+    assert decide(2, 0.6, queued=1).workers == 3
+    for _ in range(2):
+        decide(3, 0.6, queued=1)
+    # At max_workers: held, and said so.
+    d = decide(3, 0.6, queued=1)
+    assert d.change == 0 and "max_workers=3" in d.reason
+    # A long tail with nothing queued (one slow group) is not helped by more workers.
+    assert decide(3, 0.9, queued=0).change == 0
+    # The tail gone for cooldown_steps steps in a row: one fewer; then cool-down again.
+    assert decide(3, 0.01).change == 0  # the window still holds the long-tail step before
+    assert decide(3, 0.01).workers == 2
+    assert [decide(2, 0.01).change for _ in range(2)] == [0, 0]
+    # A worker that scored nothing counts as spare too, even with a tail.
+    assert decide(2, 0.2, idle=1).change == -1
+    # Never below min_workers.
+    for _ in range(5):
+        assert decide(1, 0.0).workers == 1
+
+
+def test_autoscale_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="cluster.reward_autoscale.max_workers: must be >= min_workers"):
+        load_config(None, ["cluster.reward_autoscale.min_workers=3", "cluster.reward_autoscale.max_workers=2"])
+    with pytest.raises(ValueError, match="cluster.reward_autoscale.down_tail_fraction"):
+        load_config(None, ["cluster.reward_autoscale.down_tail_fraction=0.3"])
+
+
+def test_learner_restarts_are_bounded_and_need_a_checkpoint(tmp_path):
+    lost = LearnerLost("learner rank 0 died: ActorDiedError")
+    job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=1"]), learner_restarts=0,
+                          run_id="run1", out=tmp_path)
+    with pytest.raises(RuntimeError, match="before this run's first checkpoint"):
+        Job.recover_learners(job, lost)
+    with pytest.raises(RuntimeError, match=r"restarted 1 time\(s\) already \(cluster.max_learner_restarts\)"):
+        Job.recover_learners(job, lost)
+    job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=0"]), learner_restarts=0,
+                          run_id="run1", out=tmp_path)
+    with pytest.raises(RuntimeError, match="cluster.max_learner_restarts"):
+        Job.recover_learners(job, lost)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Rank:
+    def collective(self, gate):
+        ray.get(gate.wait.remote())  # blocked, as a rank waiting for a dead peer in an all-reduce
+
+    def die(self):
+        import os
+
+        os._exit(1)
+
+
+def test_a_dead_rank_fails_the_wait_at_once_not_at_the_timeout():
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        gate, ranks = Gate.remote(), [Rank.remote(), Rank.remote()]
+        refs = [ranks[0].collective.remote(gate), ranks[1].die.remote()]
+        with pytest.raises(LearnerLost, match="learner rank 1 died"):
+            get_all(refs, timeout_s=600)  # returns as soon as rank 1 is dead; rank 0 never answers
+        ray.get(gate.open.remote())
+        assert get_all([ranks[0].collective.remote(gate)], timeout_s=60) == [None]
+    finally:
+        ray.shutdown()
+
+
+def test_status_text_shows_the_live_actors_events_and_the_autoscaler():
+    status = {"step": 4, "steps": 6, "phase": "grpo", "weight_version": 4, "run": "default-seed0",
+              "mlflow_run_id": "abc", "learner_restarts": 1,
+              "topology": [{"role": "rollout", "index": 0, "node": "10.0.0.2", "pid": 42, "gpus": [], "state": "alive",
+                            "restarts": 1, "weight_version": 3, "queue": 1}],
+              "nodes": [{"node_id": "n1", "address": "10.0.0.1"}, {"node_id": "n2", "address": "10.0.0.2"}],
+              "last_step": {"time/generate": 0.5, "time/step": 1.25},
+              "autoscale": {"workers": 2, "change": 1, "reason": "reward tail 80% of the step > 30%, 1 groups queued"},
+              "events": [{"step": 3, "kind": "node_lost", "time": 0.0, "node_id": "n3", "actors": ["rollout 0"]}],
+              "pending_requests": {"at step 6": {"reward_workers": 1}}}
+    text = format_status("seg-grpo", status)
+    assert "step 4/6" in text and "learner restarts 1" in text
+    row = next(line for line in text.splitlines() if line.startswith("rollout"))
+    assert row.split()[:3] == ["rollout", "0", "10.0.0.2"] and "alive" in row and "v3" in row
+    assert "nodes alive: 2 (10.0.0.1, 10.0.0.2)" in text and "generate 0.50 s" in text
+    assert "reward autoscaler: 2 workers (+1)" in text and "node_lost" in text and "at step 6" in text
+    assert format_status("seg-grpo", {}) == "job seg-grpo: starting (no step finished yet)"
