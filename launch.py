@@ -60,7 +60,6 @@ def train(cfg, resume: str | None = None) -> None:
 
     from cluster.evaluation import evaluate_and_log
     from cluster.job import Job
-    from cluster.learners import LearnerLost
     from cluster.tracking import start_run
 
     job = Job.start(cfg, resume)
@@ -95,7 +94,10 @@ def train(cfg, resume: str | None = None) -> None:
                         evaluate_and_log(job, step)
                     if step < cfg.train.steps and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                         job.save_checkpoint()
-                except LearnerLost as lost:
+                except Exception as exc:  # noqa: BLE001 - a learner rank lost is recovered; anything else stops
+                    lost = job.learners.lost(exc)
+                    if lost is None:
+                        raise
                     job.recover_learners(lost)
                 bar.update(job.step - bar.n)
             bar.close()

@@ -89,13 +89,6 @@ def resolve(path: str | Path | None, output_dir: str | Path) -> Path:
     raise FileNotFoundError(f"--resume: no checkpoint found at {p} (expected a step_* directory or a 'latest' file)")
 
 
-def latest_of_run(output_dir: str | Path, run_id: str) -> Path | None:
-    """The most recently written complete checkpoint of run ``run_id`` (None if it has none yet)."""
-    complete = [p for p in (checkpoint_root(output_dir) / run_id).glob("step_*")
-                if p.is_dir() and (p / "driver.pt").exists()]
-    return max(complete, key=_written, default=None)
-
-
 def load_driver_state(ckpt: Path) -> dict:
     state = torch.load(ckpt / "driver.pt", weights_only=False)
     set_rng_state(state.pop("rng"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ class Job:
     events: list = field(default_factory=list)  # node lost, learner restarted, reward pool autoscaled...
     autoscaler: RewardAutoscaler | None = None
     learner_restarts: int = 0
+    checkpoint: Path | None = None  # the last one written or restored: where a learner restart goes back to
 
     @property
     def warm_start_dir(self) -> Path:
@@ -162,18 +164,21 @@ class Job:
                  "versions": sorted(self.rollouts.versions), "best": self.best}
         path = checkpoint.save(self.out, self.run_id, self.step, self.learners.save_checkpoint, state,
                                self.cfg.train.keep_checkpoints)
+        self.checkpoint = path
         log.info("checkpoint: %s", path)
         return path
 
     def restore(self, ckpt: Path) -> None:
         """Learner state from DeepSpeed; driver state (data position, step, RNG, MLflow run, pending round)."""
         self.learners.load_checkpoint(ckpt)
+        self.checkpoint = ckpt
         state = checkpoint.load_driver_state(ckpt)
         self.data.load_state_dict(state["data"])
         self.step, self.sft_done, self.run_id = state["step"], state["sft_done"], state["mlflow_run_id"]
         self.version = state["weight_version"]
         self.rollouts.versions = {0, *state.get("versions", ())}  # in-job recovery: later versions are void
         self.best = state.get("best")
+        self._forget_best_of_later_steps()
         if state.get("pending") is not None:
             self.pending = CompletedRound(*state["pending"])
         self.rollouts.sync_from(self.learners, self.version)
@@ -184,6 +189,16 @@ class Job:
                 self.learners.set_reference(self.warm_start_dir)
             else:
                 log.warning("%s is missing: the KL reference is the initial policy", self.warm_start_dir)
+
+    def _forget_best_of_later_steps(self) -> None:
+        """After going back to a checkpoint, ``best_dir`` may hold a policy of the steps after it, which
+        are redone differently: it is removed unless it is the checkpoint's own best."""
+        on_disk = self.best_dir / "best.json"
+        if on_disk.exists() and json.loads(on_disk.read_text()) != self.best:
+            log.warning("%s is from step %s, after the checkpoint: removed (the next evaluations choose anew)",
+                        self.best_dir, json.loads(on_disk.read_text()).get("step"))
+            shutil.rmtree(self.best_dir)
+            self.best = None
 
     def keep_if_best(self, step: int, result: dict) -> bool:
         """Exports the current policy to ``best_dir`` when this evaluation's held-out gIoU beats every
@@ -216,7 +231,8 @@ class Job:
         """The actors' rows, as far as they have answered (``wait_s``: wait for all), with queue depths:
         reward groups in flight per worker; rollout chunks in flight per worker (the pending round's)."""
         self.places = self.actors.refresh({"learner": self.learners.ranks, "rollout": self.rollouts.workers,
-                                           "reward": [w.actor for w in self.reward_pool.workers]}, wait_s)
+                                           "reward": [w.actor for w in self.reward_pool.workers]}, wait_s,
+                                          replaced={w.actor: w.replaced for w in self.reward_pool.workers})
         chunks = [w for _, w in getattr(self.pending, "pending", {}).values()]
         queues = {"reward": [len(w.inflight) for w in self.reward_pool.workers],
                   "rollout": [sum(1 for w in chunks if w is worker) for worker in self.rollouts.workers]}
@@ -285,17 +301,30 @@ class Job:
         if self.learner_restarts > limit:
             raise RuntimeError(f"{lost}; the learner group was restarted {limit} time(s) already "
                                "(cluster.max_learner_restarts)") from lost
-        ckpt = checkpoint.latest_of_run(self.out, self.run_id) if self.run_id else None
+        ckpt = self.checkpoint
         if ckpt is None:
             raise RuntimeError(f"{lost}, before this run's first checkpoint: nothing to restart from "
                                "(train.checkpoint_every sets how often one is written)") from lost
         t0, failed_step = time.perf_counter(), self.step
         if isinstance(self.pending, RolloutRound):  # made with weights that are about to be void
-            self.pending.finish()
+            self.pending.abandon()
         self.pending = None
+        self.reward_pool.stats(reset=True)  # the dropped work counts for no step
         log.warning("%s at step %d; restarting the learner group from %s", lost, failed_step, ckpt)
-        self.learners.restart()
-        self.restore(ckpt)  # collective weight sync: a new sender, so a new broadcast group
+        while True:
+            try:
+                self.learners.restart()
+                self.restore(ckpt)  # collective weight sync: a new sender, so a new broadcast group
+                break
+            except Exception as exc:  # noqa: BLE001 - a rank lost again while restarting: again, within the bound
+                again = self.learners.lost(exc)
+                if again is None:
+                    raise
+                self.learner_restarts += 1
+                if self.learner_restarts > limit:
+                    raise RuntimeError(f"{again}, while restarting the learner group; restarted {limit} time(s) "
+                                       "already (cluster.max_learner_restarts)") from again
+                log.warning("%s while restarting the learner group; restarting it again", again)
         self.refresh_topology()
         self.event(failed_step, "learner_restart", checkpoint=str(ckpt), resumes_at=self.step + 1,
                    steps_redone=failed_step - self.step, seconds=round(time.perf_counter() - t0, 1), cause=str(lost))

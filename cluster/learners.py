@@ -63,7 +63,10 @@ class LearnerGroup:
 
         res, world = self.cfg.cluster.learner, self.cfg.cluster.learner_ranks
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)  # noqa: E731
-        addr, port = ray.get(address_and_port.options(scheduling_strategy=in_bundle(0)).remote())
+        # After a node loss Ray re-places the group's bundles first.
+        ray.get(self.placement_group.ready(), timeout=self.cfg.cluster.startup_timeout_s)
+        addr, port = ray.get(address_and_port.options(scheduling_strategy=in_bundle(0)).remote(),
+                             timeout=self.cfg.cluster.startup_timeout_s)
         remote_learner = ray.remote(Learner)
         device = assigned_cuda_device if res.num_gpus else None  # the GPU Ray gave the rank, not rank % count
         self.ranks = [remote_learner.options(**actor_options(res, scheduling_strategy=in_bundle(r)))
@@ -103,8 +106,11 @@ class LearnerGroup:
         refs = [rank.train_step.remote(shard, num_tokens, len(batch))
                 for rank, shard in zip(self.ranks, self._shards(batch))]
         deadline = time.monotonic() + self.timeout_s
-        while while_waiting is not None and time.monotonic() < deadline and \
-                ray.wait(refs, num_returns=len(refs), timeout=0.1)[1]:
+        while while_waiting is not None and time.monotonic() < deadline:
+            ready, running = ray.wait(refs, num_returns=len(refs), timeout=0.1)
+            if not running:
+                break
+            get_all(ready, 1.0)  # a rank that died fails the step now, not at the timeout
             while_waiting()
         metrics = get_all(refs, max(1.0, deadline - time.monotonic()))[0]
         if round(metrics["trained_seqs"]) != len(batch):  # each sequence trained once, on one rank
@@ -146,6 +152,28 @@ class LearnerGroup:
             for ref in _stream(other, deadline, too_slow):
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         return refs
+
+    def lost(self, exc: Exception, wait_s: float = 30.0) -> LearnerLost | None:
+        """Whether ``exc`` (from any call of the job) means a learner rank died: a LearnerLost, or any
+        error while a rank is dead (a collective with a dead peer, a weight sync it no longer serves).
+        Each rank is asked if it is up: a dead one answers with an error within ``wait_s`` (Ray's node
+        health checks included); a live one busy in a collective does not answer and counts as alive."""
+        if isinstance(exc, LearnerLost):
+            return exc
+        refs = [rank.__ray_ready__.remote() for rank in self.ranks]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        dead = []
+        for r, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(r)
+        if not dead:
+            return None
+        lost = LearnerLost(f"learner rank(s) {dead} died ({type(exc).__name__}: {str(exc).strip()[:200]})")
+        lost.__cause__ = exc
+        return lost
 
     def restart(self) -> None:
         """Every rank killed and started afresh in the same placement group (Ray re-places its bundles

@@ -37,6 +37,7 @@ class _Worker:
     last_progress: float = 0.0  # when its queue head started (last completion, going busy, or ready)
     groups: int = 0
     samples: int = 0
+    replaced: int = 0  # how many actors this slot had before this one (dead or hung, replaced)
 
 
 class RewardPool:
@@ -113,6 +114,16 @@ class RewardPool:
             del self._groups[k], self._attempts[k]
         return out
 
+    def discard(self, keys) -> None:
+        """Forgets groups that will never be collected (a dropped round); their results, still in flight,
+        are ignored when they arrive."""
+        keys = set(keys)
+        for key in keys:
+            self._groups.pop(key, None), self._attempts.pop(key, None), self._results.pop(key, None)
+        for worker in self.workers:
+            for ref in [ref for ref, key in worker.inflight.items() if key in keys]:
+                del worker.inflight[ref]
+
     def _owner(self, ref) -> _Worker | None:
         return next((w for w in self.workers if ref in w.inflight), None)
 
@@ -170,6 +181,7 @@ class RewardPool:
         ray.kill(worker.actor, no_restart=True)
         fresh = self._start()
         fresh.groups, fresh.samples = worker.groups, worker.samples  # the slot keeps its history
+        fresh.replaced = worker.replaced + 1
         self.workers[self.workers.index(worker)] = fresh
         for key in worker.inflight.values():
             self._dispatch(key)

@@ -277,10 +277,21 @@ class RolloutRound:
         self.rollouts.resync(worker)
         self._dispatch(i, worker)
 
+    def abandon(self) -> None:
+        """Drops the round, made with weights that became void (the learner group restarted from a
+        checkpoint): generation still running is not waited for (its results are ignored), and its
+        groups leave the reward pool unscored."""
+        self.pending.clear()
+        self.rollouts.reward_pool.discard(self.submitted)
+        self.submitted = []
+
     def finish(self) -> tuple[list[Group], dict]:
-        """Waits for every chunk and every group's rewards; (groups, timings)."""
+        """Waits for every chunk and every group's rewards; (groups, timings). The reward tail is the
+        time this waits for rewards after the last group was generated (off-policy the generation may
+        have ended while the learner trained: the tail counts from here, not from then)."""
         if self._result is not None:
             return self._result
+        t_finish = time.perf_counter()
         while not self.pump(timeout_s=min(1.0, max(0.0, self.deadline - time.monotonic()))):
             if time.monotonic() > self.deadline:
                 raise TimeoutError(f"rollout: no answer from the rollout workers within {self.timeout_s:.0f} s "
@@ -289,7 +300,8 @@ class RolloutRound:
         for uid, scores in rewards.items():
             self.by_uid[uid].rewards = scores
         timings = {**self.metrics, "time/generate": self.t_generated - self.t_start,
-                   "time/reward_tail": time.perf_counter() - self.t_generated, "rollout/redone_chunks": self.redos}
+                   "time/reward_tail": time.perf_counter() - max(self.t_generated, t_finish),
+                   "rollout/redone_chunks": self.redos}
         self._result = (self.groups, timings)
         return self._result
 

@@ -33,36 +33,37 @@ class ActorTable:
     """One row per actor of the job: role, index, state, node, pid, restarts, devices, placement, weight
     version. Each refresh asks every actor where it is, in the background: a row changes when its actor
     answers, so a refresh never waits behind a busy actor (``timeout_s`` > 0 waits for all, at start-up).
-    A new pid in a slot (Ray restarted the actor, or the pool replaced it) counts as a restart; an actor
-    that cannot answer (dead, restarting, its node lost) is shown ``down``."""
+    Rows follow the actors (not their positions): a new pid of the same actor is a restart by Ray; an
+    actor that replaced another (the reward pool replaces dead or hung workers) starts with the restarts
+    ``replaced`` gives it. An actor that cannot answer (dead, restarting, its node lost) shows ``down``."""
 
     def __init__(self, placements: dict | None = None):
         if placements is None:
             from cluster.placement import PLACEMENT as placements
         self.placements = placements
-        self.rows: dict[tuple[str, int], dict] = {}
-        self.asks: dict[tuple[str, int], tuple[object, object]] = {}  # slot -> (actor, its pending answer)
+        self.rows: dict = {}  # actor -> its row
+        self.asks: dict = {}  # actor -> its pending answer
 
-    def refresh(self, pools: dict[str, list], timeout_s: float = 0.0) -> list[dict]:
-        """``pools`` maps a role to its actors; returns the rows (the last known state of each)."""
-        slots = set()
+    def refresh(self, pools: dict[str, list], timeout_s: float = 0.0, replaced: dict | None = None) -> list[dict]:
+        """``pools`` maps a role to its actors (in order); returns their rows, as last known."""
+        current = []
         for role, actors in pools.items():
             for i, actor in enumerate(actors):
-                slot = (role, i)
-                slots.add(slot)
-                self.rows.setdefault(slot, {"role": role, "index": i, "state": "starting", "restarts": 0,
-                                            "node": "-", "node_id": None, "pid": None, "gpus": []})
-                if slot not in self.asks or self.asks[slot][0] is not actor:
-                    self.asks[slot] = (actor, actor.__ray_call__.remote(_where))
-        for slot in set(self.rows) - slots:  # scaled down
-            self.rows.pop(slot)
-            self.asks.pop(slot, None)
-        refs = [ref for _, ref in self.asks.values()]
+                row = self.rows.setdefault(actor, {"state": "starting", "restarts": (replaced or {}).get(actor, 0),
+                                                   "node": "-", "node_id": None, "pid": None, "gpus": []})
+                row.update(role=role, index=i)
+                if actor not in self.asks:
+                    self.asks[actor] = actor.__ray_call__.remote(_where)
+                current.append(actor)
+        for gone in set(self.rows) - set(current):  # scaled down or replaced
+            self.rows.pop(gone)
+            self.asks.pop(gone, None)
+        refs = list(self.asks.values())
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
-        for slot, (actor, ref) in list(self.asks.items()):
+        for actor, ref in list(self.asks.items()):
             if ref not in ready:
                 continue
-            row = self.rows[slot]
+            row = self.rows[actor]
             try:
                 where = ray.get(ref)
             except ray.exceptions.RayError as exc:
@@ -73,8 +74,8 @@ class ActorTable:
                 row.update(where, state="alive")
                 if actor in self.placements:
                     row.update(_group_row(*self.placements[actor]))
-            self.asks[slot] = (actor, actor.__ray_call__.remote(_where))  # asked again; read next refresh
-        return [self.rows[slot] for slot in sorted(self.rows, key=lambda s: (list(pools).index(s[0]), s[1]))]
+            self.asks[actor] = actor.__ray_call__.remote(_where)  # asked again; read at the next refresh
+        return [self.rows[actor] for actor in current]
 
 
 def topology(pools: dict[str, list], timeout_s: float = 60.0, placements: dict | None = None) -> list[dict]:

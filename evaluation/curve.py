@@ -22,7 +22,9 @@ def metric_history(run_id: str, keys=None) -> dict[str, list[tuple[int, float]]]
     client = MlflowClient()
     names = keys or [k for k in client.get_run(run_id).data.metrics
                      if k.startswith(REWARD_PREFIX) or k in EVAL_KEYS or k in (HELD_OUT_REWARD, GIOU_SE)]
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in names}
+    # A step redone after a learner restart is logged again: its newest value is the one that counts.
+    newest = lambda points: sorted({m.step: m.value for m in sorted(points, key=lambda m: m.timestamp)}.items())  # noqa: E731
+    return {k: newest(client.get_metric_history(run_id, k)) for k in names}
 
 
 def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:

@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny policy, a synthetic split, and a tiny policy that has memorised one answer
 (so that greedy decoding produces a parseable box and points without a training run)."""
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,18 @@ from policy.prompt import chat_prompt
 from policy.tiny import build_tiny_policy
 
 IMAGE_SIZE = 112
+
+
+@pytest.fixture(autouse=True)
+def own_mlflow_store():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the environment: a job one test runs
+    in this process must not send a later test's subprocess jobs to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")

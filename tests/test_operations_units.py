@@ -7,7 +7,7 @@ import ray
 
 from cluster.autoscale import RewardAutoscaler
 from cluster.job import Job
-from cluster.learners import LearnerLost, get_all
+from cluster.learners import LearnerGroup, LearnerLost, get_all
 from cluster.status import format_status
 from config import RewardAutoscaleConfig, load_config
 from tests.helpers import Gate
@@ -51,13 +51,13 @@ def test_autoscale_config_checks_name_the_field():
 def test_learner_restarts_are_bounded_and_need_a_checkpoint(tmp_path):
     lost = LearnerLost("learner rank 0 died: ActorDiedError")
     job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=1"]), learner_restarts=0,
-                          run_id="run1", out=tmp_path)
+                          checkpoint=None)
     with pytest.raises(RuntimeError, match="before this run's first checkpoint"):
         Job.recover_learners(job, lost)
     with pytest.raises(RuntimeError, match=r"restarted 1 time\(s\) already \(cluster.max_learner_restarts\)"):
         Job.recover_learners(job, lost)
     job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=0"]), learner_restarts=0,
-                          run_id="run1", out=tmp_path)
+                          checkpoint=None)
     with pytest.raises(RuntimeError, match="cluster.max_learner_restarts"):
         Job.recover_learners(job, lost)
 
@@ -80,8 +80,14 @@ def test_a_dead_rank_fails_the_wait_at_once_not_at_the_timeout():
         refs = [ranks[0].collective.remote(gate), ranks[1].die.remote()]
         with pytest.raises(LearnerLost, match="learner rank 1 died"):
             get_all(refs, timeout_s=600)  # returns as soon as rank 1 is dead; rank 0 never answers
+        # Whatever error a call of the job raised while a rank is dead means: the learner group was lost.
+        group = SimpleNamespace(ranks=ranks)
+        lost = LearnerGroup.lost(group, RuntimeError("gloo: connection closed by peer"), wait_s=5)
+        assert isinstance(lost, LearnerLost) and "rank(s) [1]" in str(lost) and "connection closed" in str(lost)
         ray.get(gate.open.remote())
         assert get_all([ranks[0].collective.remote(gate)], timeout_s=60) == [None]
+        # With every rank up, an error is not a lost learner: it stops the job as it is.
+        assert LearnerGroup.lost(SimpleNamespace(ranks=ranks[:1]), RuntimeError("invariant"), wait_s=30) is None
     finally:
         ray.shutdown()
 

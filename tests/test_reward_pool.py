@@ -163,3 +163,23 @@ def test_evaluation_runs_on_a_reward_actor_with_a_segmenter_even_without_the_mas
     assert result["giou_segzero"] == pytest.approx(here["giou_segzero"]) and result["giou_segzero"] > 0.3
     assert result["parse_failure_rate"] == pytest.approx(1 / 3)
     assert len(result["overlays"]) == 2 and all(png.startswith(b"\x89PNG") for png in result["overlays"].values())
+
+
+def test_discarded_groups_leave_the_pool_and_their_late_results_are_ignored(groups):
+    """A dropped round (the learner group restarted from a checkpoint): its groups are forgotten while
+    still being scored; the same keys can be submitted anew and each is collected once, scored again."""
+    gs, expected = groups
+    pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
+    keys = list(gs)
+    for key in keys[:4]:
+        pool.submit(key, gs[key])
+    assert pool.stats()["queued_groups"] == 2  # two groups waited behind another on a busy worker
+    pool.discard(keys[:4])
+    assert all(not w.inflight for w in pool.workers)
+    with pytest.raises(KeyError):
+        pool.collect(keys[:1])
+    for key in keys:  # the discarded keys again, and the others
+        pool.submit(key, gs[key])
+    assert pool.collect(keys) == expected
+    assert pool.stats()["groups"] == 8  # the late results of the dropped ones counted for nothing
+    pool.shutdown()
