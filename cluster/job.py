@@ -194,10 +194,13 @@ class Job:
         """After going back to a checkpoint, ``best_dir`` may hold a policy of the steps after it, which
         are redone differently: it is removed unless it is the checkpoint's own best."""
         on_disk = self.best_dir / "best.json"
-        if on_disk.exists() and json.loads(on_disk.read_text()) != self.best:
-            log.warning("%s is from step %s, after the checkpoint: removed (the next evaluations choose anew)",
-                        self.best_dir, json.loads(on_disk.read_text()).get("step"))
+        saved = json.loads(on_disk.read_text()) if on_disk.exists() else None
+        if self.best_dir.exists() and (saved is None or self.best is None or saved.get("step") != self.best["step"]):
+            log.warning("%s is from step %s, not the checkpoint's best (step %s): removed (the next evaluations "
+                        "choose anew)", self.best_dir, (saved or {}).get("step"), (self.best or {}).get("step"))
             shutil.rmtree(self.best_dir)
+            self.best = None
+        elif self.best is not None and saved is None:  # the checkpoint's best export is gone
             self.best = None
 
     def keep_if_best(self, step: int, result: dict) -> bool:
@@ -207,6 +210,7 @@ class Job:
             return False
         self.best = {"step": step, "giou": result["giou_segzero"], "giou_se": result["giou_segzero_se"],
                      "rows": result["n"]}
+        (self.best_dir / "best.json").unlink(missing_ok=True)  # written last: an export cut short is not kept
         self.learners.export_hf(self.best_dir)
         (self.best_dir / "best.json").write_text(json.dumps(self.best, indent=2))
         log.info("best policy so far: step %d, held-out gIoU %.4f -> %s", step, self.best["giou"], self.best_dir)
@@ -232,7 +236,8 @@ class Job:
         reward groups in flight per worker; rollout chunks in flight per worker (the pending round's)."""
         self.places = self.actors.refresh({"learner": self.learners.ranks, "rollout": self.rollouts.workers,
                                            "reward": [w.actor for w in self.reward_pool.workers]}, wait_s,
-                                          replaced={w.actor: w.replaced for w in self.reward_pool.workers})
+                                          replaced={**{w.actor: w.replaced for w in self.reward_pool.workers},
+                                                    **{r: self.learner_restarts for r in self.learners.ranks}})
         chunks = [w for _, w in getattr(self.pending, "pending", {}).values()]
         queues = {"reward": [len(w.inflight) for w in self.reward_pool.workers],
                   "rollout": [sum(1 for w in chunks if w is worker) for worker in self.rollouts.workers]}
@@ -309,6 +314,7 @@ class Job:
         if isinstance(self.pending, RolloutRound):  # made with weights that are about to be void
             self.pending.abandon()
         self.pending = None
+        self.reward_pool.discard_all()  # the failed step's rounds (refills included): their ids come again
         self.reward_pool.stats(reset=True)  # the dropped work counts for no step
         log.warning("%s at step %d; restarting the learner group from %s", lost, failed_step, ckpt)
         while True:

@@ -160,6 +160,8 @@ class LearnerGroup:
         health checks included); a live one busy in a collective does not answer and counts as alive."""
         if isinstance(exc, LearnerLost):
             return exc
+        if not self.ranks:  # not started again (e.g. the placement group is not ready): not a rank's death
+            return None
         refs = [rank.__ray_ready__.remote() for rank in self.ranks]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
         dead = []
@@ -187,6 +189,7 @@ class LearnerGroup:
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
             PLACEMENT.pop(rank, None)
+        self.ranks = []
 
     def shutdown(self) -> None:
         self._kill_ranks()

@@ -124,6 +124,11 @@ class RewardPool:
             for ref in [ref for ref, key in worker.inflight.items() if key in keys]:
                 del worker.inflight[ref]
 
+    def discard_all(self) -> None:
+        """Forgets every group submitted and not collected (the learner group restarted from a checkpoint:
+        the rounds of the failed step, refills included, are dropped)."""
+        self.discard(list(self._groups))
+
     def _owner(self, ref) -> _Worker | None:
         return next((w for w in self.workers if ref in w.inflight), None)
 

@@ -279,8 +279,9 @@ class RolloutRound:
 
     def abandon(self) -> None:
         """Drops the round, made with weights that became void (the learner group restarted from a
-        checkpoint): generation still running is not waited for (its results are ignored), and its
-        groups leave the reward pool unscored."""
+        checkpoint): generation still running is waited for (until the round's deadline; the next
+        weight push would queue behind it) and ignored, and its groups leave the reward pool unscored."""
+        ray.wait(list(self.pending), num_returns=len(self.pending), timeout=max(0.0, self.deadline - time.monotonic()))
         self.pending.clear()
         self.rollouts.reward_pool.discard(self.submitted)
         self.submitted = []

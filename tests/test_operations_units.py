@@ -62,6 +62,27 @@ def test_learner_restarts_are_bounded_and_need_a_checkpoint(tmp_path):
         Job.recover_learners(job, lost)
 
 
+def test_going_back_to_a_checkpoint_keeps_only_its_own_best_policy(tmp_path):
+    """best_policy/ is the checkpoint's best, or it goes: an export of later (redone) steps, or one cut
+    short (no best.json), is removed; the checkpoint's own best is kept, even with a NaN standard error."""
+    import json
+
+    def restored(best, on_disk):
+        job = SimpleNamespace(best_dir=tmp_path / "best_policy", best=best)
+        job.best_dir.mkdir(exist_ok=True)
+        (job.best_dir / "config.json").write_text("{}")
+        if on_disk is not None:
+            (job.best_dir / "best.json").write_text(json.dumps(on_disk))
+        Job._forget_best_of_later_steps(job)
+        return job.best, job.best_dir.exists()
+
+    own = {"step": 2, "giou": 0.5, "giou_se": float("nan"), "rows": 1}
+    assert restored(own, own)[1] and restored(own, own)[0]["step"] == 2
+    assert restored(own, {**own, "step": 5}) == (None, False)    # exported after the checkpoint
+    assert restored(None, {**own, "step": 5}) == (None, False)
+    assert restored(own, None) == (None, False)                   # an export cut short
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class Rank:
     def collective(self, gate):
