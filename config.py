@@ -45,7 +45,9 @@ class ModelConfig(Section):
         "(nearby numbers similar), instead of noise.")
     tiny_position_reader: bool = Field(
         True, description="Tiny policy: start the vision tower as a reader of the synthetic images' position "
-        "barcodes (data.synthetic_barcodes), so image tokens know where they are; see docs/learnability.md.")
+        "barcodes (data.synthetic_barcodes) and of each cell's colour, and two attention heads as a grounding "
+        "circuit (the query's colour word selects the image token to copy the position from); needs tiny_layers "
+        ">= 2; see docs/learnability.md.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype on learner and rollout: auto = bfloat16 on GPU, float32 on CPU.")
 
@@ -57,6 +59,8 @@ class ModelConfig(Section):
             raise ValueError("tiny_hidden_size / tiny_heads must be an integer >= 64 (vLLM CPU attention)")
         if self.tiny_position_reader and self.tiny_vision_hidden_size < 80:
             raise ValueError("tiny_vision_hidden_size must be >= 80 with tiny_position_reader (64 dims carry the position)")
+        if self.tiny_position_reader and self.tiny_layers < 2:
+            raise ValueError("tiny_layers must be >= 2 with tiny_position_reader (its grounding circuit spans two layers)")
         return self
 
 
@@ -81,6 +85,11 @@ class DataConfig(Section):
         "auto", description="Synthetic dataset: min and max number of shapes per image. auto: [1, 2], [1, 3] under "
         "multi_object (so 'all the red shapes' has 1-3 targets).")
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by train.seed).")
+
+    @field_validator("synthetic_barcodes", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 (OmegaConf) reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self):

@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from data.position_code import AMPLITUDE, FREQUENCIES, barcode_basis, fourier_code
 from data.synthetic import COLOURS, DIRECTIONS, EXTREMES, SHAPES
 from policy.prompt import EXAMPLE_ANSWER, SEGZERO_TEMPLATE, SYSTEM_PROMPT
@@ -101,6 +103,7 @@ def init_position_reader(model, merger_gain: float = 0.12) -> None:
     3. merger (RMSNorm, Linear, GELU, Linear over the 2x2 patches): the first patch's dims < 4K go
        through as z -> GELU(z + 4) - 4 ~ z (|z| < 2), into the token's dims < 4K; the rest stay random and
        do not write there. The RMSNorm scales f per token, which keeps its direction.
+    4. the cell's colour (``init_colour_reader``).
     Everything else keeps its random start; all of it trains.
     """
     import torch
@@ -133,41 +136,138 @@ def init_position_reader(model, merger_gain: float = 0.12) -> None:
         # dim n: a constant "this is an image token" marker, what the retrieval head looks for
         last.weight[n] = 0
         last.bias[n] = IMAGE_MARKER
-    init_image_retrieval_head(model, n)
+    init_colour_reader(model, n)
 
 
 IMAGE_MARKER = 1.0
+# Language-model dims of the grounding circuit, after the 4K code dims (n) and the image marker (dim n):
+COLOUR_WORD = 1      # n+1, n+2: a colour word's template (``colour_templates``), set in its input embedding
+COLOUR_WORD_MARKER = 3  # n+3: "this token names a colour", what the gather head looks for
+WANTED = 4           # n+4, n+5: the colour the query asks for, gathered into every position
+CHROMA = 6           # n+6, n+7: an image token's colour at its cell's centre
+CHROMA_BASIS = np.array([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / np.array([[2 ** 0.5], [6 ** 0.5]])
 
 
-def init_image_retrieval_head(model, n: int, logit_gap: float = 12.0, copy_gain: float = 1.0) -> None:
-    """Sets head 0 of the first decoder layer to read the image tokens' position codes into every position.
+def chroma(rgb) -> np.ndarray:
+    """The colour of an RGB triple (0..255) without its grey part: 2 numbers, 0 for any grey."""
+    return CHROMA_BASIS @ np.asarray(rgb, dtype=np.float64) / 255
 
-    query: a constant (bias) in head dim h-1, the rotary pair with the lowest frequency (M-RoPE leaves it
-    unrotated to ~1e-3 rad over a 1k-token context); key: the image marker (model dim n) in that dim.
-    So every position attends to the image tokens (logit gap ~logit_gap over text tokens), and the value/
-    output pair copies model dims < n (the codes) into the same residual dims. Attention is then uniform
-    over the image tokens: the start of a grounding head whose selection (which image token) is learned.
+
+def colour_templates() -> dict[str, np.ndarray]:
+    """For each palette colour c, the unit vector w of the chroma plane that tells c best from the other
+    palette colours and from grey: the w with the largest min_d w . (chroma(c) - chroma(d)) (d: the
+    other colours and grey). The palette's colours are not orthogonal (red and yellow share a lot), so
+    w is not chroma(c) itself."""
+    angles = np.linspace(0, 2 * np.pi, 3600, endpoint=False)
+    w = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    points = {c: chroma(rgb) for c, rgb in COLOURS.items()}
+    out = {}
+    for c, u in points.items():
+        margin = np.min([w @ (u - v) for d, v in points.items() if d != c] + [w @ u], axis=0)
+        out[c] = w[int(margin.argmax())]
+    return out
+
+
+def init_colour_reader(model, dim: int, merger_gain: float = 0.5) -> None:
+    """Vision side of the grounding circuit: image token dims n+6, n+7 (``CHROMA``) carry the chroma of
+    its cell's centre.
+
+    A synthetic shape is centred on its cell's centre (the corner shared by the cell's four patches) and
+    is at least 6 px in half-extent, so the 2 x 2 pixels at the bottom-right of the cell's top-left patch
+    are always inside the shape: reading only them gives the shape's colour however little of the cell
+    it covers (a whole-patch mean would mix in the background). Patch-embedding dims ``dim``, ``dim`` + 1
+    read those pixels' chroma (``CHROMA_BASIS``), the vision blocks do not write there, and the merger
+    passes the top-left patch's two dims through (GELU in its linear range, as the position code).
+    """
+    import torch
+    from transformers.image_utils import OPENAI_CLIP_STD
+
+    visual = model.model.visual
+    n = 4 * FREQUENCIES
+    out = n + CHROMA
+    with torch.no_grad():
+        weight = visual.patch_embed.proj.weight  # (hidden, 3, T, 14, 14)
+        temporal = weight.shape[2]
+        weight[dim:dim + 2] = 0
+        for j in range(2):
+            for c in range(3):
+                # x = (p / 255 - mean_c) / std_c: the sum over 4 pixels x T copies is chroma_j minus a constant
+                weight[dim + j, c, :, -2:, -2:] = CHROMA_BASIS[j, c] * OPENAI_CLIP_STD[c] / (4 * temporal)
+        for block in visual.blocks:
+            for proj in (block.attn.proj, block.mlp.down_proj):
+                proj.weight[dim:dim + 2] = 0
+                proj.bias[dim:dim + 2] = 0
+        first, last = visual.merger.mlp[0], visual.merger.mlp[2]
+        first.weight[dim:dim + 2] = 0
+        first.weight[dim:dim + 2, dim:dim + 2] = torch.eye(2)  # merger input dims < hidden: the top-left patch
+        first.bias[dim:dim + 2] = 4.0
+        last.weight[:, dim:dim + 2] = 0
+        last.weight[n + 1:n + 8] = 0
+        last.bias[n + 1:n + 8] = 0
+        last.weight[out:out + 2, dim:dim + 2] = merger_gain * torch.eye(2)
+        last.bias[out:out + 2] = -4.0 * merger_gain
+
+
+def init_grounding_heads(model, n: int, colour_ids: dict[str, list[int]], word_scale: float = 0.3,
+                         gather_gap: float = 12.0, gather_gain: float = 0.07, select_gain: float = 3.0,
+                         logit_gap: float = 12.0, copy_gain: float = 1.0) -> None:
+    """Language side of the grounding circuit: the answer's coordinate tokens start out reading the code
+    of the image token whose colour the query names.
+
+    1. The colour words' input embeddings ("red", " red", ...) hold their colour's template
+       (``colour_templates``) in dims n+1, n+2 and a marker in dim n+3; every other token holds 0 there.
+    2. Decoder layer 0, head 0 *gathers*: its query is a bias and its key the colour-word marker, so every
+       position attends to the colour words before it (the query's, then the answer's own think); value/
+       output copy the template into dims n+4, n+5 (``WANTED``).
+    3. Decoder layer 1, head 0 *retrieves*: key = the image marker (every image token, over text) plus
+       the token's chroma; query = a bias on the marker plus the wanted template. So the attention logit
+       of image token i is gap + select_gain-scaled w_wanted . chroma_i: the named colour's token wins,
+       and with the query naming no colour (or two shapes of one colour) the attention spreads over the
+       image. Value/output copy the position code (dims < n) of the tokens it attends to.
+    Every query/key dim used sits in the lowest-frequency rotary pairs, which M-RoPE leaves unrotated
+    (~1e-3 rad over a 1k-token context), so none of it depends on distance. All of it trains; which
+    shape (colour and kind) and how big are still learned.
     """
     import torch
 
-    attn = model.model.language_model.layers[0].self_attn
-    h = attn.head_dim
+    layers = model.model.language_model.layers
+    if len(layers) < 2:
+        raise ValueError("the grounding circuit needs a policy of at least 2 decoder layers")
+    h = layers[0].self_attn.head_dim
     if n > h:
         raise ValueError(f"the retrieval head copies {n} dims, head_dim is {h}")
+    hidden = model.config.text_config.hidden_size
+    marker, sel = h - 1, [h - 3, h - 2]
+    templates = colour_templates()
+    word, word_marker = [n + COLOUR_WORD, n + COLOUR_WORD + 1], n + COLOUR_WORD_MARKER
+    wanted, chroma_dims = [n + WANTED, n + WANTED + 1], [n + CHROMA, n + CHROMA + 1]
     with torch.no_grad():
-        marker = h - 1
-        attn.q_proj.weight[:h] = 0
-        attn.q_proj.bias[:h] = 0
-        attn.q_proj.bias[marker] = 1.0
-        attn.k_proj.weight[:h] = 0
-        attn.k_proj.bias[:h] = 0
-        # an image token's normalised marker is ~sqrt(hidden) x its share of the token's norm
-        attn.k_proj.weight[marker, n] = logit_gap * h ** 0.5 / (model.config.text_config.hidden_size ** 0.5 * 0.7)
-        attn.v_proj.weight[:h] = 0
-        attn.v_proj.bias[:h] = 0
-        attn.v_proj.weight[:n, :n] = copy_gain * torch.eye(n)
-        attn.o_proj.weight[:, :h] = 0
-        attn.o_proj.weight[:n, :n] = torch.eye(n)
+        embed = model.get_input_embeddings().weight
+        embed[:, n + 1:n + 8] = 0
+        for colour, ids in colour_ids.items():
+            for i in ids:
+                embed[i, word] = word_scale * torch.tensor(templates[colour], dtype=embed.dtype)
+                embed[i, word_marker] = word_scale
+        for layer in layers[:2]:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight[:h] = 0
+                proj.bias[:h] = 0
+            attn.o_proj.weight[:, :h] = 0
+            attn.q_proj.bias[marker] = 1.0
+        # a normalised embedding dim is ~sqrt(hidden) x its share of the token's norm
+        gather = layers[0].self_attn
+        gather.k_proj.weight[marker, word_marker] = gather_gap * h ** 0.5 / (hidden ** 0.5 * 0.5)
+        for j in range(2):
+            gather.v_proj.weight[j, word[j]] = 1.0
+            gather.o_proj.weight[wanted[j], j] = gather_gain
+        retrieve = layers[1].self_attn
+        retrieve.k_proj.weight[marker, n] = logit_gap * h ** 0.5 / (hidden ** 0.5 * 0.7)
+        for j in range(2):
+            retrieve.q_proj.weight[sel[j], wanted[j]] = select_gain
+            retrieve.k_proj.weight[sel[j], chroma_dims[j]] = select_gain
+        retrieve.v_proj.weight[:n, :n] = copy_gain * torch.eye(n)
+        retrieve.o_proj.weight[:n, :n] = torch.eye(n)
 
 
 def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size: int = 128,
@@ -179,8 +279,10 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
 
     number_code: initialise the number tokens' input and output embeddings with a Fourier code of their
     value (``number_code_rows``) instead of noise, so that nearby numbers start out similar.
-    position_reader: initialise the vision tower to read the synthetic images' position barcodes
-    (``init_position_reader``); needs vision_hidden_size >= 80.
+    position_reader: initialise the vision tower to read the synthetic images' position barcodes and
+    each cell's colour (``init_position_reader``), and two attention heads as a grounding circuit from
+    the query's colour word to the position of the shape of that colour (``init_grounding_heads``);
+    needs vision_hidden_size >= 80 and layers >= 2.
     intermediate_size, kv_heads: the MLP width (default 2 x hidden_size) and key/value heads (default
     ``heads``), for policies shaped like a real Qwen2.5-VL (benchmarks/weight_sync.py).
     Idempotent: an existing complete directory built with the same settings is reused.
@@ -196,7 +298,7 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     if number_code:  # only when set, so directories built before the option existed stay valid
         settings["number_code"] = True
     if position_reader:
-        settings["position_reader"] = True
+        settings["position_reader"] = 2  # 2: with the colour grounding heads (older directories are rebuilt)
     if intermediate_size or kv_heads:
         settings.update(intermediate_size=intermediate_size, kv_heads=kv_heads)
     marker = out / "tiny_policy.json"
@@ -247,6 +349,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
                 table[number_ids] = rows
     if position_reader:
         init_position_reader(model)
+        colour_ids = {c: [backend.token_to_id(w) for w in (c, " " + c)] for c in COLOURS}
+        init_grounding_heads(model, 4 * FREQUENCIES, colour_ids)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)

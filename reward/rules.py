@@ -124,7 +124,10 @@ def box_iou_inclusive(a, b) -> float:
     inter = (ix2 - ix1 + 1) * (iy2 - iy1 + 1) if ix1 < ix2 and iy1 < iy2 else 0
     area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
     area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
-    return float(inter) / (area_a + area_b - inter)
+    union = area_a + area_b - inter
+    # an inverted box (x2 < x1) has a negative area and no intersection; where the union is then not
+    # positive the IoU is 0 (Seg-Zero's reward catches that division's error and scores 0)
+    return float(inter) / union if union > 0 else 0.0
 
 
 def box_l1(a, b) -> float:

@@ -36,6 +36,7 @@ def test_dotted_overrides_apply_with_types():
     ("data.synthetic_kinds=[all_colour]", "data.synthetic_kinds"),  # several targets under single-object rules
     ("data.synthetic_shapes=[3,2]", "data.synthetic_shapes"),
     ("rollout.weight_sync=nccl", "rollout.weight_sync"),  # the backend follows the device: collective
+    ("model.tiny_layers=1", "tiny_layers"),  # the tiny policy's grounding circuit spans two layers
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as err:

@@ -21,6 +21,7 @@ PER_STEP = ["reward/total", "reward/think_format", "reward/answer_format", "rewa
             "time/step", "perf/samples_per_s", "weight_version", "batch/ids_crc", "sync/parity_max_diff"]
 STEPS = 4
 ARGS = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=4", "train.checkpoint_every=1",
+        "train.keep_checkpoints=3",
         "data.synthetic_train_size=16", "data.synthetic_eval_size=2", "eval.num_samples=2",
         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=24", "rollout.off_policy=true",
         "tracking.system_metrics=false", "cluster.sync_parity_check=true"]
@@ -57,6 +58,9 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path):
     # After every sync vLLM served the learner's weights: same logprobs on the probe (fp32: ~1e-6).
     assert max(metric("sync/parity_max_diff").values()) < 1e-3
     assert (full / "final_policy" / "config.json").exists()
+    # A checkpoint every step, the newest train.keep_checkpoints kept.
+    kept = sorted(p.name for p in (full / "checkpoints" / run.info.run_id).glob("step_*"))
+    assert kept == [f"step_{s:06d}" for s in range(STEPS - 2, STEPS + 1)], kept
     # The best held-out evaluation's policy is kept beside it (step 0 = the warm start counts too).
     best = json.loads((full / "best_policy" / "best.json").read_text())
     giou = metric("eval/giou_segzero")

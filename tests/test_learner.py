@@ -448,3 +448,13 @@ def test_cosine_schedule_decays_over_the_grpo_steps_only():
     constant = load_config(None, ["learner.lr_schedule=constant", "learner.warmup_steps=0", "train.sft_steps=10",
                                   "train.steps=4"])
     assert all(lr_factor(s, constant) == 1.0 for s in range(15))
+
+
+def test_weight_decay_applies_to_matrices_only(policy_dir):
+    """learner.weight_decay reaches the optimizer for matrices and embeddings; biases and norm gains
+    are never decayed."""
+    from learner.learner import Learner
+
+    learner = Learner(learner_config(2, weight_decay=0.25), str(policy_dir), master_port=_free_port())
+    groups = learner.engine.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]

@@ -67,7 +67,8 @@ DESIGN = [
     [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
-# launch.py job, 80 steps), and runs 2 warm-start steps of its own (export, KL reference, sync).
+# launch.py job, the default's 200-step warm start: with the tiny policy's grounding circuit 80 steps
+# no longer teach the format), and runs 2 warm-start steps of its own (export, KL reference, sync).
 COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8", "train.sft_lr=1e-5", "learner.warmup_steps=5",
           "learner.lr=1e-4", "data.synthetic_train_size=128", "data.synthetic_eval_size=4", "eval.num_samples=4",
           f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
@@ -75,8 +76,8 @@ COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8",
           "cluster.sync_parity_check=true",
           # with the autoscaler on: a decision after every step, between 1 and 2 reward workers
           "cluster.reward_autoscale.cooldown_steps=1", "cluster.reward_autoscale.max_workers=2"]
-WARM_START = ["train.steps=1", "train.sft_steps=80", "train.sft_batch_size=8", "train.sft_lr=2e-3",
-              "learner.warmup_steps=5", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
+WARM_START = ["train.steps=1", "train.sft_steps=200", "train.sft_batch_size=16", "train.sft_lr=1e-3",
+              "learner.warmup_steps=20", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
               f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
               "eval.enabled=false", "tracking.system_metrics=false", "tracking.log_model=false"]
 

@@ -69,26 +69,55 @@ def test_barcodes_refuse_a_size_that_is_not_whole_cells():
         draw_barcodes(np.zeros((100, 100, 3)), FREQUENCIES)
 
 
-def test_tiny_policy_reads_positions_and_attends_to_the_image(tmp_path):
+def test_colour_templates_tell_every_palette_colour_from_the_others_and_from_grey():
+    from data.synthetic import COLOURS
+    from policy.tiny import chroma, colour_templates
+
+    assert np.abs(chroma((213, 213, 213))).max() < 1e-12
+    for colour, w in colour_templates().items():
+        own = w @ chroma(COLOURS[colour])
+        assert own > 0.1, colour
+        assert all(own - w @ chroma(rgb) > 0.1 for other, rgb in COLOURS.items() if other != colour), colour
+
+
+def test_tiny_policy_reads_positions_and_colours_and_attends_to_the_named_shape(tmp_path):
+    """The grounding circuit at initialisation (policy.tiny): image tokens carry their cell's code and
+    colour, layer 0 head 0 gathers the query's colour word, layer 1 head 0 attends to the image token of
+    the shape of that colour."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from data.synthetic import COLOURS
     from policy.prompt import chat_prompt
-    from policy.tiny import build_tiny_policy
+    from policy.tiny import CHROMA, build_tiny_policy, chroma
 
     path = build_tiny_policy(tmp_path / "p", vision_hidden_size=128, number_code=True, position_reader=True)
     proc = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
-    row = synthetic_row(3, 112, 0, barcodes="all")
-    image = Image.open(io.BytesIO(row["image"])).convert("RGB")
-    enc = proc(text=[chat_prompt(row["problem"])], images=[image], return_tensors="pt")
-    with torch.no_grad():
-        feats = model.model.get_image_features(enc.pixel_values, enc.image_grid_thw)
-        feats = torch.cat(list(getattr(feats, "pooler_output", feats)))
-        out = model(**enc, output_attentions=True)
     n = 4 * FREQUENCIES
+    colour_words = {proc.tokenizer.convert_tokens_to_ids(w) for c in COLOURS for w in (c, " " + c)}
+
+    def forward(row):
+        image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        enc = proc(text=[chat_prompt(row["problem"])], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            feats = model.model.get_image_features(enc.pixel_values, enc.image_grid_thw)
+            out = model(**enc, output_attentions=True)
+        return enc.input_ids[0], torch.cat(list(getattr(feats, "pooler_output", feats))), out.attentions
+
+    _, feats, _ = forward(synthetic_row(3, 112, 0, barcodes="all"))
     codes = torch.tensor(cell_codes(112, FREQUENCIES), dtype=torch.float32).reshape(-1, n)
-    cos = torch.nn.functional.cosine_similarity(feats[:, :n], codes, dim=-1)
-    assert cos.min() > 0.99  # image token i carries the code of its own cell, in row-major order
-    is_image = enc.input_ids[0] == model.config.image_token_id
-    attention = out.attentions[0][0, 0, -1]  # layer 0, head 0, from the last prompt position
-    assert attention[is_image].sum() > 0.9
+    assert torch.nn.functional.cosine_similarity(feats[:, :n], codes, dim=-1).min() > 0.99  # row-major cells
+
+    for index in range(12):  # two shapes of different colours, the query names one colour
+        row = synthetic_row(index, 112, 0, barcodes="objects", kinds=("colour",), num_shapes=(2, 2))
+        ids, feats, attentions = forward(row)
+        x1, y1, x2, y2 = row["bbox"]
+        target = int((y1 + y2) / 2 // 28) * 4 + int((x1 + x2) / 2 // 28)
+        colour = row["problem"].split()[1]
+        seen = feats[:, n + CHROMA:n + CHROMA + 2]
+        assert torch.nn.functional.cosine_similarity(seen[target], torch.tensor(chroma(COLOURS[colour]), dtype=torch.float32),
+                                                     dim=0) > 0.99
+        gather = attentions[0][0, 0, -1]  # layer 0, head 0, from the last prompt position
+        assert gather[torch.tensor([int(t) in colour_words for t in ids])].sum() > 0.9
+        retrieve = attentions[1][0, 0, -1][ids == model.config.image_token_id]
+        assert retrieve.sum() > 0.9 and retrieve[target] > 0.5 * retrieve.sum(), (index, row["problem"])

@@ -41,6 +41,10 @@ def test_iou_boundary_is_strict_and_areas_inclusive():
     assert segzero_rewards(above_half, sol)["bbox_iou"] == 1.0
     # Seg-Zero's intersection needs ix1 < ix2: a one-pixel box on itself has IoU 0
     assert box_iou_inclusive([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0
+    # an inverted box whose negative area cancels the other's: 0, not a ZeroDivisionError (a warm start's
+    # greedy answer did this and cost the run its step-0 evaluation)
+    assert box_iou_inclusive([10, 10, 8, 12], [0, 0, 2, 0]) == 0.0
+    assert box_iou_inclusive([10, 10, 8, 12], [0, 0, 1, 0]) == 0.0
 
 
 def test_l1_boundary_is_strict():

@@ -139,6 +139,16 @@ def test_modes_and_off():
     assert "mask_iou" not in scores[0] and scores[0]["total"] == 5.0
 
 
+def test_threshold_mode_scores_against_mask_threshold():
+    group = make_group(RESPONSES[1:2])  # the loose box
+    iou = RewardWorker(RewardConfig(mask_iou="continuous")).score_group(group)[0]["mask_iou"]
+    assert iou > 0.8
+    # the term is 1 only for an IoU strictly above the threshold
+    below = RewardWorker(RewardConfig(mask_iou="threshold", mask_threshold=iou)).score_group(group)
+    above = RewardWorker(RewardConfig(mask_iou="threshold", mask_threshold=iou / 2)).score_group(group)
+    assert (below[0]["mask_iou"], above[0]["mask_iou"]) == (0.0, 1.0)
+
+
 def test_multi_object_group_masks_are_unions():
     (ax1, ay1), (ax2, ay2), (apx, apy) = to_model(50, 30), to_model(89, 69), to_model(70, 50)
     (bx1, by1), (bx2, by2), (bpx, bpy) = to_model(10, 90), to_model(29, 109), to_model(20, 100)
