@@ -36,7 +36,9 @@ class ModelConfig(Section):
         "them; answer coordinates live in that space (Seg-Zero: 840). Multiple of 28.")
     tiny_hidden_size: int = Field(128, ge=64, description="Tiny policy: hidden size of the language model.")
     tiny_layers: int = Field(2, ge=1, description="Tiny policy: number of decoder layers.")
-    tiny_heads: int = Field(2, ge=1, description="Tiny policy: attention heads (head_dim = hidden/heads must be 64 or more for vLLM CPU).")
+    tiny_heads: int = Field(
+        2, ge=1, description="Tiny policy: attention heads (head_dim = hidden/heads must be 64 "
+        "or more for vLLM CPU).")
     tiny_vision_hidden_size: int = Field(
         128, ge=16, description="Tiny policy: hidden size of the vision tower (>= 80 with tiny_position_reader).")
     tiny_vision_layers: int = Field(1, ge=1, description="Tiny policy: depth of the vision tower.")
@@ -58,9 +60,11 @@ class ModelConfig(Section):
         if self.tiny_hidden_size % self.tiny_heads or self.tiny_hidden_size // self.tiny_heads < 64:
             raise ValueError("tiny_hidden_size / tiny_heads must be an integer >= 64 (vLLM CPU attention)")
         if self.tiny_position_reader and self.tiny_vision_hidden_size < 80:
-            raise ValueError("tiny_vision_hidden_size must be >= 80 with tiny_position_reader (64 dims carry the position)")
+            raise ValueError("tiny_vision_hidden_size must be >= 80 with tiny_position_reader "
+                             "(64 dims carry the position)")
         if self.tiny_position_reader and self.tiny_layers < 2:
-            raise ValueError("tiny_layers must be >= 2 with tiny_position_reader (its grounding circuit spans two layers)")
+            raise ValueError("tiny_layers must be >= 2 with tiny_position_reader "
+                             "(its grounding circuit spans two layers)")
         return self
 
 
@@ -96,7 +100,8 @@ class DataConfig(Section):
         if self.synthetic_shapes != "auto":
             low, high = self.synthetic_shapes
             if not 1 <= low <= high:
-                raise ValueError(f"synthetic_shapes: must be [min, max] with 1 <= min <= max, got {list(self.synthetic_shapes)}")
+                raise ValueError("synthetic_shapes: must be [min, max] with 1 <= min <= max, "
+                                 f"got {list(self.synthetic_shapes)}")
         if not self.synthetic_kinds:
             raise ValueError("synthetic_kinds: must name at least one query kind")
         return self
@@ -115,11 +120,21 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_truncation(cls, data):
+        for name in ("top_p", "top_k", "min_p"):
+            if isinstance(data, dict) and name in data:
+                raise ValueError(f"{name}: truncated sampling is not supported: the learner scores every token under "
+                                 "the full distribution at rollout.temperature (policy/sampling.py), and a truncated "
+                                 "one would bias the PPO ratio and the KL; remove the setting")
+        return data
+
     prompts_per_step: int = Field(4, ge=1, description="Prompts sampled per training step (Seg-Zero: 16).")
     group_size: int = Field(4, ge=2, description="Answers sampled per prompt, G (Seg-Zero: 8).")
     temperature: float = Field(
-        1.0, gt=0, description="Sampling temperature. GRPO's learner scores tokens with logits / T (ratio, KL), so what is trained is the distribution vLLM samples from; the warm start fits the logits at T = 1.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+        1.0, gt=0, description="Sampling temperature. GRPO's learner scores tokens with logits / T (ratio, KL), "
+        "so what is trained is the distribution vLLM samples from; the warm start fits the logits at T = 1.")
     max_new_tokens: int = Field(96, ge=1, description="Maximum response length in tokens (Seg-Zero: 1300).")
     min_new_tokens: int = Field(
         0, ge=0, description="Minimum response length: end-of-answer tokens are suppressed until this many "
@@ -131,7 +146,8 @@ class RolloutConfig(Section):
         "cluster.rollout.num_cpus} on one node (STRICT_PACK); vLLM runs its TP workers there as Ray actors.")
     gpu_memory_utilization: float = Field(
         0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip vLLM graph capture/compilation (faster start, slower decode).")
     engine_in_process: bool = Field(
         True, description="Run vLLM's engine and (with tensor_parallel_size 1) its worker inside the rollout "
@@ -141,7 +157,7 @@ class RolloutConfig(Section):
         "rpc", description="How learner weights reach vLLM after each step: rpc = learner rank 0 puts each bucket "
         "in Ray's object store once and every rollout worker fetches and loads it; collective = learner rank 0 "
         "broadcasts each bucket to every vLLM worker process (tensor-parallel ranks included) in one process "
-        "group, gloo on CPU and NCCL on GPU, with a checksum per bucket (cluster/broadcast.py). Learner and "
+        "group, gloo on CPU and NCCL on GPU, with a checksum per bucket (weight_sync/). Learner and "
         "rollout workers must then be both on GPUs or both on CPUs.")
     dynamic_sampling: bool = Field(
         False, description="DAPO dynamic sampling: drop groups whose G rewards are all equal (no signal) and "
@@ -160,16 +176,21 @@ class RewardConfig(Section):
     rules: Literal["segzero", "segzero_soft", "multi_object"] = Field(
         "segzero", description="Rule set: Seg-Zero strict answer format, soft format, or VisionReasoner multi-object.")
     weights: dict[str, float] = Field(
-        default_factory=dict, description="Per-term weights, e.g. {bbox_iou: 1.0, mask_iou: 2.0}; unnamed terms weigh 1.")
+        default_factory=dict, description="Per-term weights, e.g. {bbox_iou: 1.0, mask_iou: 2.0}; "
+        "unnamed terms weigh 1.")
     mask_iou: Literal["off", "continuous", "threshold", "tiered"] = Field(
-        "continuous", description="Mask-IoU term from the segmenter's mask: IoU itself, 1 if IoU > mask_threshold, or tiers (see README).")
+        "continuous", description="Mask-IoU term from the segmenter's mask: IoU itself, 1 if IoU > mask_threshold, "
+        "or tiers (see README).")
     mask_threshold: float = Field(0.5, ge=0, le=1, description="IoU threshold for mask_iou=threshold.")
     segmenter: Literal["grabcut", "sam2"] = Field(
         "grabcut", description="Mask source: SAM2 (production) or OpenCV GrabCut (weight-free, embedded default).")
     sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="SAM2 Hydra config name (t/s/b+/l).")
-    sam2_checkpoint: Optional[str] = Field(None, description="Local SAM2 checkpoint (.pt). Required for segmenter=sam2 unless sam2_allow_random_weights.")
-    sam2_allow_random_weights: bool = Field(False, description="Tests only: build SAM2 with random weights when no checkpoint is given.")
-    embedding_cache_size: int = Field(64, ge=0, description="LRU cache of image embeddings per reward worker (entries).")
+    sam2_checkpoint: Optional[str] = Field(
+        None, description="Local SAM2 checkpoint (.pt). Required for segmenter=sam2 unless sam2_allow_random_weights.")
+    sam2_allow_random_weights: bool = Field(
+        False, description="Tests only: build SAM2 with random weights when no checkpoint is given.")
+    embedding_cache_size: int = Field(
+        64, ge=0, description="LRU cache of image embeddings per reward worker (entries).")
 
     @field_validator("mask_iou", mode="before")
     @classmethod
@@ -195,13 +216,17 @@ class LearnerConfig(Section):
                                 "learning rate as a fraction of learner.lr.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: ratio >= 1 - clip_low.")
-    clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above: ratio <= 1 + clip_high (clip-higher when > clip_low).")
-    kl_coef: float = Field(5e-3, ge=0, description="KL-to-reference coefficient (0 skips the reference model). The reference is the policy GRPO starts from: the warm-started one when train.sft_steps > 0.")
+    clip_high: float = Field(
+        0.2, ge=0, description="PPO ratio clip above: ratio <= 1 + clip_high (clip-higher when > clip_low).")
+    kl_coef: float = Field(
+        5e-3, ge=0, description="KL-to-reference coefficient (0 skips the reference model). The reference is the "
+        "policy GRPO starts from: the warm-started one when train.sft_steps > 0.")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (Seg-Zero: 1e-3).")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation (see learner/grpo.py).")
-    adv_scale: Literal["std", "none"] = Field("std", description="Group advantage scaling: std (GRPO) or none (Dr. GRPO).")
+    adv_scale: Literal["std", "none"] = Field(
+        "std", description="Group advantage scaling: std (GRPO) or none (Dr. GRPO).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward micro-batch.")
     shared_prompt: bool = Field(
         True, description="Run each distinct prompt (and its image) of a micro-batch once and its G answers on top "
@@ -212,7 +237,8 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     freeze_vision: bool = Field(False, description="Train (and sync) only the language model.")
     clip_ratio_c: Optional[float] = Field(
-        None, gt=1, description="Dual-clip bound c (> 1): for negative advantages the token loss is capped at -A*c. Empty: off.")
+        None, gt=1, description="Dual-clip bound c (> 1): for negative advantages the token loss is capped at -A*c. "
+        "Empty: off.")
     zero3_param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
         "being partitioned (DeepSpeed stage3_param_persistence_threshold); 0 partitions all.")
@@ -268,8 +294,10 @@ class RewardAutoscaleConfig(Section):
         "cluster.reward_workers' size afterwards; requests go to Ray (its autoscaler adds nodes when configured).")
     min_workers: int = Field(1, ge=1, description="Fewest reward workers the autoscaler keeps.")
     max_workers: int = Field(4, ge=1, description="Most reward workers the autoscaler starts.")
-    up_tail_fraction: float = Field(0.25, gt=0, lt=1, description="Add a worker when the reward tail exceeds this fraction of the step.")
-    down_tail_fraction: float = Field(0.05, ge=0, lt=1, description="Remove a worker when the tail stays below this fraction of the step.")
+    up_tail_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Add a worker when the reward tail exceeds this fraction of the step.")
+    down_tail_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Remove a worker when the tail stays below this fraction of the step.")
     cooldown_steps: int = Field(3, ge=1, description="Steps after a decision before the next one, and the window a "
                                 "scale-down looks back over.")
 
@@ -286,7 +314,8 @@ class RewardAutoscaleConfig(Section):
 class ClusterConfig(Section):
     address: Optional[str] = Field(
         None, description="Ray address. Empty: join the cluster the job was submitted to, else start a local one.")
-    job_name: str = Field("seg-grpo", description="Name of the job's controller actor (cluster.scale / cluster.status --job).")
+    job_name: str = Field(
+        "seg-grpo", description="Name of the job's controller actor (cluster.scale / cluster.status --job).")
     rollout_workers: int = Field(1, ge=1, description="Number of vLLM rollout actors.")
     reward_workers: int = Field(1, ge=1, description="Number of reward (segmenter) actors.")
     learner_ranks: int = Field(1, ge=1, description="Number of DeepSpeed learner ranks (one actor each).")
@@ -305,7 +334,8 @@ class ClusterConfig(Section):
         "checkpoint (at most train.checkpoint_every steps redone), up to this many times; 0: the job stops.")
     reward_autoscale: RewardAutoscaleConfig = Field(
         default_factory=RewardAutoscaleConfig, description="The reward pool sizing itself between steps.")
-    call_timeout_s: float = Field(600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
+    call_timeout_s: float = Field(
+        600.0, gt=0, description="Timeout of any remote call (generation, scoring, a learner step).")
     startup_timeout_s: float = Field(600.0, gt=0, description="Timeout for actors to start (vLLM engines, models).")
     sync_timeout_s: float = Field(
         300.0, gt=0, description="Timeout of one weight sync to all rollout workers (rollout.weight_sync=collective: "
@@ -314,7 +344,13 @@ class ClusterConfig(Section):
         False, description="After every weight sync, compare learner and vLLM logprobs of a fixed probe "
         "(held-out prompt + its reference answer); fail the job when they differ by more than the tolerance.")
     sync_parity_tolerance: float = Field(
-        1e-3, gt=0, description="Max |learner - vLLM| logprob on the probe (fp32 CPU measures ~2e-6; bf16 GPUs need ~0.1).")
+        1e-3, gt=0, description="Max |learner - vLLM| logprob on the probe (fp32 CPU measures ~2e-6; "
+        "bf16 GPUs need ~0.1).")
+    max_logprob_drift: Optional[float] = Field(
+        None, gt=0, description="Stop the job when the learner's logprobs of the tokens sampled with its current "
+        "weights differ from vLLM's sampling logprobs by more than this, per token on average (metric "
+        "logprob_drift_current): the two sides score different distributions (a sampling setting, stale or "
+        "misnamed weights). Empty: 1e-3 when the policy runs in float32 (CPU measures ~1e-5), 0.05 in bfloat16.")
     sync_bucket_mb: int = Field(64, ge=1, description="Weight sync bucket size in MiB (tensors sent per transfer).")
     gpu_memory_gb: float = Field(
         80.0, gt=0, description="Memory of one GPU in GB, for the start-up plan's checks (python -m cluster.plan): "
@@ -349,6 +385,14 @@ class Config(Section):
         """The MLflow run's name: tracking.run_name, else the config file's name and the seed."""
         return self.tracking.run_name or f"{self._source}-seed{self.train.seed}"
 
+    @property
+    def max_logprob_drift(self) -> float:
+        """cluster.max_logprob_drift, or its default for the learner's dtype."""
+        if self.cluster.max_logprob_drift is not None:
+            return self.cluster.max_logprob_drift
+        bf16 = self.model.dtype == "bfloat16" or (self.model.dtype == "auto" and self.cluster.learner.num_gpus > 0)
+        return 0.05 if bf16 else 1e-3
+
     @model_validator(mode="after")
     def _across_sections(self):
         try:
@@ -359,7 +403,8 @@ class Config(Section):
                 (self.cluster.learner.num_gpus > 0) != (self.cluster.rollout.num_gpus > 0):
             raise ValueError("rollout.weight_sync: collective needs the learner and the rollout workers on the same "
                              "kind of device (one NCCL or one gloo group), got cluster.learner.num_gpus="
-                             f"{self.cluster.learner.num_gpus} and cluster.rollout.num_gpus={self.cluster.rollout.num_gpus}")
+                             f"{self.cluster.learner.num_gpus} and cluster.rollout.num_gpus="
+                             f"{self.cluster.rollout.num_gpus}")
         if self.rollout.weight_sync == "collective" and self.cluster.learner.num_gpus > 0 and \
                 min(self.cluster.learner.num_gpus, self.cluster.rollout.num_gpus) < 1:
             raise ValueError("rollout.weight_sync: collective on GPUs is one NCCL group, and NCCL puts no two ranks of "
@@ -405,7 +450,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
             if section is None:
                 break
-        if named and section is not None and named.group(1) in section.model_fields:
+        given = err.get("input") if isinstance(err.get("input"), dict) else {}
+        if named and section is not None and (named.group(1) in section.model_fields or named.group(1) in given):
             field, msg = f"{field}.{named.group(1)}", named.group(2)
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise ConfigError(f"config error: {field}: {msg}{got}") from None
@@ -421,7 +467,7 @@ def load_config_or_exit(path: str | Path | None, overrides) -> Config:
 
 
 def field_table(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, description) for every leaf field: the README's config table."""
+    """(dotted name, default, description) for every leaf field: the config reference (docs/config.md)."""
     rows = []
     for name, f in model.model_fields.items():
         sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
@@ -433,8 +479,18 @@ def field_table(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple
     return rows
 
 
+def reference_page() -> str:
+    """docs/config.md, generated from the fields' descriptions (``python config.py > docs/config.md``;
+    tests/test_config.py checks the committed page is current)."""
+    lines = ["# Config reference", "",
+             "Generated by `python config.py > docs/config.md` from `config.py`; do not edit by hand.",
+             "YAML (`--config`) plus dotted overrides on the command line (`python launch.py "
+             "rollout.group_size=4`); unknown keys and bad values fail at start with one message naming "
+             "the field.", "", "| field | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{default}` | {desc} |" for name, default, desc in field_table()]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print("| field | default | meaning |\n|---|---|---|")
-    for name, default, desc in field_table():
-        print(f"| `{name}` | `{default}` | {desc} |")
+    sys.stdout.write(reference_page())
     sys.exit(0)

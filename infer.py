@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     policy = next(iter(policies_to_evaluate(cfg, args.checkpoint).values()))  # final before best
     processor = AutoProcessor.from_pretrained(policy)
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=torch.float32).eval()
-    inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules)], images=[image.resize((size, size), Image.BILINEAR)],
+    inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules)],
+                       images=[image.resize((size, size), Image.BILINEAR)],
                        return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, do_sample=False,

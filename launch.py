@@ -8,8 +8,9 @@ answers -> GRPO steps -> held-out evaluation -> export. One GRPO step (``grpo_st
 the rollout actors (vLLM) sample G answers per prompt -> each finished group goes straight to the
 reward pool (format/box/point rules + segmenter mask IoU) -> group-normalised advantages -> the learner
 ranks (DeepSpeed ZeRO) take one GRPO step -> rank 0's new weights reach every rollout actor (version =
-optimizer steps so far) -> MLflow. The step's data is a list of ``rollout.group.Group``; the actor
-groups behind ``job.rollouts`` and ``job.learners`` (cluster/) hide the fan-out to Ray actors.
+optimizer steps so far) -> MLflow. The step's data are ``trajectory`` types (Group, LearnerBatch); the
+loop's state is one ``TrainState`` written here alone; the actor groups behind ``job.rollouts`` and
+``job.learners`` (cluster/) hide the fan-out to Ray actors.
 """
 from __future__ import annotations
 
@@ -43,100 +44,117 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config_or_exit(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ray.exceptions import RayError
+    from cluster.job import STOPPING_ERRORS
 
     try:
         train(cfg, resume=args.resume)
-    except (TimeoutError, RuntimeError, FileNotFoundError, RayError) as exc:
+    except STOPPING_ERRORS as exc:
         log.error("training stopped: %s", exc)
         return 1
     return 0
 
 
 def train(cfg, resume: str | None = None) -> None:
-    """The whole job; ``resume``: a checkpoint path, "" for the output dir's latest, None to start anew."""
+    """The whole job; ``resume``: a checkpoint path, "" for the output dir's latest, None to start anew.
+    A learner rank lost at any point (warm start, GRPO, evaluation, export) restarts the learner group
+    from the latest checkpoint, and the job goes on from the state ``job.recover`` returns."""
     import mlflow
-    from tqdm import tqdm
 
-    from cluster.evaluation import evaluate_and_log
     from cluster.job import Job
     from cluster.tracking import start_run
 
-    job = Job.start(cfg, resume)
+    job, state = Job.start(cfg, resume)
     try:
-        with start_run(cfg, job.run_id) as run:
-            job.run_id = run.info.run_id
-            log.info("mlflow run %s at %s", job.run_id, mlflow.get_tracking_uri())
-
-            # 1. Supervised warm start: the answer format, and roughly where the object is.
-            if job.sft_done < cfg.train.sft_steps:
-                warm_start(job)
-            if cfg.eval.enabled and job.step == 0:
-                evaluate_and_log(job, 0)
-
-            # 2. GRPO, one step at a time; between steps: the reward pool's autoscaler, lost nodes, evaluations,
-            # checkpoints. A learner rank lost on the way: the learner group restarts from the latest
-            # checkpoint and the loop goes on from its step.
-            bar = tqdm(desc="grpo", unit="step", initial=job.step, total=cfg.train.steps)
-            while job.step < cfg.train.steps:
-                step = job.step + 1
+        with start_run(cfg, state.run_id) as run:
+            state.run_id = run.info.run_id
+            log.info("mlflow run %s at %s", state.run_id, mlflow.get_tracking_uri())
+            while True:
                 try:
-                    metrics = grpo_step(job, step)
-                    metrics.update(job.autoscale_rewards(step, metrics))
-                    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-                    if not metrics["batch/skipped"]:
-                        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", gen=f"{metrics['time/generate']:.1f}s",
-                                        learn=f"{metrics['time/learner']:.1f}s", sync=f"{metrics['time/sync']:.1f}s")
-                    job.watch_nodes(step)
-                    job.publish(step, metrics)
-                    if step < cfg.train.steps and cfg.eval.enabled and cfg.eval.every_n_steps \
-                            and step % cfg.eval.every_n_steps == 0:
-                        evaluate_and_log(job, step)
-                    if step < cfg.train.steps and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                        job.save_checkpoint()
-                except Exception as exc:  # noqa: BLE001 - a learner rank lost is recovered; anything else stops
+                    run_from(job, state)
+                    return
+                except Exception as exc:  # a learner rank lost is recovered; anything else stops the job
                     lost = job.learners.lost(exc)
                     if lost is None:
                         raise
-                    job.recover_learners(lost)
-                bar.update(job.step - bar.n)
-            bar.close()
-
-            # 3. The end: held-out evaluation, learning curve, checkpoint, the policies as HF directories.
-            finish(job)
+                    state = job.recover(lost, state)
     finally:
         job.shutdown()
 
 
-def finish(job) -> None:
+def run_from(job, state) -> None:
+    """The job from ``state`` on: warm start, GRPO steps (evaluations, checkpoints, operations between
+    them), the end."""
+    import mlflow
+    from tqdm import tqdm
+
+    cfg = job.cfg
+    # 1. Supervised warm start: the answer format, and roughly where the object is.
+    if state.sft_done < cfg.train.sft_steps:
+        warm_start(job, state)
+    if cfg.eval.enabled and state.step == 0:
+        evaluate(job, state, 0)
+
+    # 2. GRPO, one step at a time; between steps: operations (autoscaler, nodes, status), evaluations,
+    # checkpoints.
+    bar = tqdm(desc="grpo", unit="step", initial=state.step, total=cfg.train.steps)
+    while state.step < cfg.train.steps:
+        step = state.step + 1
+        metrics = grpo_step(job, state, step)
+        metrics.update(job.ops.after_step(step, metrics, state))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        bar.set_postfix(reward=f"{metrics.get('reward/total', float('nan')):.3f}",
+                        gen=f"{metrics['time/generate']:.1f}s", learn=f"{metrics.get('time/learner', 0.0):.1f}s",
+                        sync=f"{metrics.get('time/sync', 0.0):.1f}s")
+        bar.update()
+        if step < cfg.train.steps and due(step, cfg.eval.every_n_steps if cfg.eval.enabled else 0):
+            evaluate(job, state, step)
+        if step < cfg.train.steps and due(step, cfg.train.checkpoint_every):
+            job.save_checkpoint(state)
+    bar.close()
+
+    # 3. The end: held-out evaluation, learning curve, checkpoint, the policies as HF directories.
+    finish(job, state)
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a task run every ``every`` steps (0: never) is due after ``step``."""
+    return bool(every) and step % every == 0
+
+
+def evaluate(job, state, step: int) -> None:
+    """Held-out evaluation logged at ``step``; the policy kept when it is the best so far."""
+    from cluster.evaluation import evaluate_and_log
+
+    state.best = job.keep_if_best(state.best, step, evaluate_and_log(job, step))
+
+
+def finish(job, state) -> None:
     """The final evaluation, the learning curve, the last checkpoint, and the final (and best) policy as
     HF directories, logged to MLflow."""
     import mlflow
 
-    from cluster.evaluation import evaluate_and_log
     from evaluation.curve import metric_history, plot_learning_curve
 
     cfg = job.cfg
     if cfg.eval.enabled:
-        evaluate_and_log(job, job.step)
-    curve = plot_learning_curve(metric_history(job.run_id), job.out / "learning_curve.png",
-                                title=cfg.run_name)
+        evaluate(job, state, state.step)
+    curve = plot_learning_curve(metric_history(state.run_id), job.out / "learning_curve.png", title=cfg.run_name)
     mlflow.log_artifact(str(curve))
-    job.save_checkpoint()
+    job.save_checkpoint(state)
     if cfg.tracking.log_model:
         final = job.out / "final_policy"
         job.learners.export_hf(final)
         mlflow.log_artifacts(str(final), artifact_path="final_policy")
-        log.info("final policy: %s (logged to MLflow run %s)", final, job.run_id)
-        if job.best is not None:
+        log.info("final policy: %s (logged to MLflow run %s)", final, state.run_id)
+        if state.best is not None:
             mlflow.log_artifacts(str(job.best_dir), artifact_path="best_policy")
-    if job.best is not None:
-        mlflow.log_metrics({"best/step": job.best["step"], "best/giou": job.best["giou"]}, step=job.step)
-        log.info("best policy: step %d, held-out gIoU %.4f +- %.4f (%s)", job.best["step"], job.best["giou"],
-                 job.best["giou_se"], job.best_dir)
+    if state.best is not None:
+        mlflow.log_metrics({"best/step": state.best["step"], "best/giou": state.best["giou"]}, step=state.step)
+        log.info("best policy: step %d, held-out gIoU %.4f +- %.4f (%s)", state.best["step"], state.best["giou"],
+                 state.best["giou_se"], job.best_dir)
 
 
-def warm_start(job) -> None:
+def warm_start(job, state) -> None:
     """Supervised steps on the dataset's reference answers (in the rule set's answer format); then the
     warm-started policy is exported (Seg-Zero's SFT baseline, GRPO's KL reference) and synced."""
     import mlflow
@@ -144,38 +162,39 @@ def warm_start(job) -> None:
 
     from policy.prepare import reference_tokenizer
     from policy.prompt import chat_prompt
+    from trajectory import LearnerBatch, LearnerSequence
 
     cfg = job.cfg
     size, rules = cfg.model.image_size, cfg.reward.rules
     tokenize = reference_tokenizer(job.policy_path)
-    job.learners.set_lr(cfg.train.sft_lr)
-    for sft_step in tqdm(range(job.sft_done + 1, cfg.train.sft_steps + 1), desc="warm start", unit="step"):
-        batch = [{"prompt": chat_prompt(s.problem, rules), "image": s.model_image(size),
-                  "response_ids": tokenize(s.reference_answer(size, rules))}
-                 for s in job.data.next_batch(cfg.train.sft_batch_size)]
-        metrics = job.learners.sft_step(batch)
+    for sft_step in tqdm(range(state.sft_done + 1, cfg.train.sft_steps + 1), desc="warm start", unit="step"):
+        sequences = [LearnerSequence(chat_prompt(s.problem, rules), s.model_image(size),
+                                     tokenize(s.reference_answer(size, rules)))
+                     for s in job.data.next_batch(cfg.train.sft_batch_size)]
+        metrics = job.learners.sft_step(LearnerBatch(sequences, position=sft_step - 1))
         mlflow.log_metrics({f"sft/{k}": float(v) for k, v in metrics.items()}, step=sft_step)
-        job.sft_done = sft_step
-    job.learners.set_lr(cfg.learner.lr)
+        state.sft_done = state.version = sft_step
     job.learners.export_hf(job.warm_start_dir)
     log.info("warm-started policy: %s", job.warm_start_dir)
     job.learners.set_reference(job.warm_start_dir)
-    job.version = job.sft_done
-    job.rollouts.sync_from(job.learners, job.version)
+    job.rollouts.sync_from(job.learners, state.version)
 
 
-def grpo_step(job, step: int) -> dict:
+def grpo_step(job, state, step: int) -> dict:
     """One GRPO step; returns its metrics. When no group can be trained (every group tied under dynamic
     sampling, or no prompt fitted the context) the step is skipped, weights unchanged: ``batch/skipped``
     is 1 and only the rollout's metrics are returned."""
-    from rollout.group import check_batch, learner_batch
+    import torch
+
+    from learner.grpo import group_advantages
+    from trajectory import check_batch, learner_batch, reward_metrics
 
     cfg, r, t0 = job.cfg, job.cfg.rollout, time.perf_counter()
-    job.step = step
+    state.step = step
 
     # Rollout + reward: G answers per prompt, each group scored as soon as it is generated. Off-policy,
     # this step's round was started during the last step's learner update.
-    round_, job.pending = job.pending or draw_round(job, step, r.prompts_per_step), None
+    round_, state.pending = state.pending or draw_round(job, state, step, r.prompts_per_step), None
     groups, metrics = round_.finish()
     kept, dropped = trainable(groups, r.dynamic_sampling)
 
@@ -183,7 +202,10 @@ def grpo_step(job, step: int) -> dict:
     refills = 0
     while r.dynamic_sampling and len(kept) < r.prompts_per_step and refills < r.max_refills:
         refills += 1
-        more, _ = draw_round(job, step, r.prompts_per_step - len(kept), refills, {g.uid for g in groups}).finish()
+        refill = draw_round(job, state, step, r.prompts_per_step - len(kept), refills, {g.uid for g in groups})
+        more, timings = refill.finish()
+        for key in ("time/generate", "time/reward_tail"):  # every round of the step counts
+            metrics[key] += timings[key]
         groups += more
         more_kept, more_dropped = trainable(more, True)
         kept, dropped = kept + more_kept, dropped + more_dropped
@@ -192,40 +214,55 @@ def grpo_step(job, step: int) -> dict:
     if not kept:
         log.warning("step %d: no group to train (dropped: %s, refills: %d); skipping the update",
                     step, dict(dropped), refills)
-        return metrics
+        return {**metrics, **reward_metrics(groups)}
 
-    # Advantages: rewards normalised within each group of G answers to the same prompt; checked.
+    # Advantages: rewards normalised within each group of G answers to the same prompt; checked. The
+    # learning rate is the schedule's at this GRPO step, whether or not earlier steps were skipped.
     for g in kept:
-        g.advantages = g.compute_advantages(cfg.learner.adv_scale)
-    batch = learner_batch(kept, cfg.model.image_size)
-    check_batch(kept, batch, job.rollouts.versions, job.version, int(r.off_policy), cfg.learner.adv_scale)
+        g.advantages = group_advantages(torch.tensor(g.totals), len(g.totals), cfg.learner.adv_scale).tolist()
+    batch = learner_batch(kept, cfg.model.image_size, state.version, position=cfg.train.sft_steps + step - 1)
+    check_batch(kept, batch, job.rollouts.versions, int(r.off_policy))
 
     # Operators' requests due by the next step apply now, while no round is in flight.
-    job.apply_scaling(step + 1)
+    job.ops.apply_scaling(step + 1)
 
     # Learner: one update over the whole batch. Off-policy, the next step's round generates meanwhile,
     # with the weights before this update (staleness one version).
     t_learn = time.perf_counter()
     if r.off_policy and step < cfg.train.steps:
-        job.pending = draw_round(job, step + 1, r.prompts_per_step)
-    learner_metrics = job.learners.train_step(batch, while_waiting=job.pending.pump if job.pending else None)
+        state.pending = draw_round(job, state, step + 1, r.prompts_per_step)
+    learner_metrics = job.learners.train_step(batch, while_waiting=state.pending.pump if state.pending else None)
     metrics["time/learner"] = time.perf_counter() - t_learn
+    check_drift(learner_metrics, cfg.max_logprob_drift, step)
 
     # Weight sync: the next round samples from the updated policy.
-    staleness = job.version - min(a.weight_version for g in kept for a in g.answers)
-    job.version += 1
-    metrics.update(job.rollouts.sync_from(job.learners, job.version))
-    return step_metrics(job, kept, learner_metrics, metrics, staleness, time.perf_counter() - t0)
+    staleness = state.version - min(a.weight_version for g in kept for a in g.answers)
+    state.version += 1
+    metrics.update(job.rollouts.sync_from(job.learners, state.version, state.pending.pump if state.pending else None))
+    return step_metrics(job, state, kept, groups, learner_metrics, metrics, staleness, time.perf_counter() - t0)
 
 
-def draw_round(job, step: int, prompts: int, refill: int = 0, taken: set | None = None):
+def check_drift(learner_metrics: dict, bound: float, step: int) -> None:
+    """The learner and vLLM must score the sampled tokens under the same distribution: their mean
+    per-token |logprob difference| over the tokens sampled with the learner's current weights stays
+    under cluster.max_logprob_drift, or the run stops (a sampling setting, stale or misnamed weights)."""
+    from trajectory import InvariantError
+
+    drift = learner_metrics.get("logprob_drift_current", 0.0)
+    if learner_metrics.get("tokens_current", 0) and drift > bound:
+        raise InvariantError(f"step {step}: the learner's logprobs of the sampled tokens differ from vLLM's by "
+                             f"{drift:.4g} per token (cluster.max_logprob_drift={bound:g}): the two sides score "
+                             "different distributions")
+
+
+def draw_round(job, state, step: int, prompts: int, refill: int = 0, taken: set | None = None):
     """The next ``prompts`` samples of the data stream as groups (ids unique within the step), their
     round started on the rollout workers with a seed fixed by (train.seed, step, refill)."""
-    from rollout.group import make_groups
+    from trajectory import make_groups
 
     groups, renamed = make_groups(job.data.next_batch(prompts), step, set(taken or ()))
     seed = job.cfg.train.seed * 1_000_003 + step * 101 + refill * 10_007
-    return job.rollouts.round(groups, seed, job.version, metrics={"batch/renamed_ids": renamed})
+    return job.rollouts.round(groups, seed, state.version, metrics={"batch/renamed_ids": renamed})
 
 
 def trainable(groups: list, dynamic_sampling: bool) -> tuple[list, Counter]:
@@ -242,19 +279,21 @@ def trainable(groups: list, dynamic_sampling: bool) -> tuple[list, Counter]:
     return kept, dropped
 
 
-def step_metrics(job, groups: list, learner_metrics: dict, metrics: dict, staleness: int, seconds: float) -> dict:
-    """Everything one step logs: rewards and advantages of the trained groups, the learner's numbers,
-    stage times, throughput, weight version, staleness, reward pool throughput and queueing, dataset rows
-    skipped so far (``metrics`` holds the round's: pool sizes, redone chunks, dropped and renamed groups)."""
-    from rollout.group import batch_metrics
+def step_metrics(job, state, trained: list, generated: list, learner_metrics: dict, metrics: dict,
+                 staleness: int, seconds: float) -> dict:
+    """Everything one step logs: rewards over every group generated and over the trained ones, advantages,
+    the learner's numbers, stage times, throughput, weight version, staleness, reward pool throughput and
+    queueing, dataset rows skipped so far (``metrics`` holds the rounds': pool sizes, redone chunks,
+    dropped and renamed groups)."""
+    from trajectory import batch_metrics
 
-    out = {**batch_metrics(groups), **learner_metrics, **metrics}
+    out = {**batch_metrics(trained, generated), **learner_metrics, **metrics}
     pool = job.reward_pool.stats(reset=True)
     out.update({"time/step": seconds, "perf/samples_per_s": out["batch/sequences"] / seconds,
                 "perf/tokens_per_s": learner_metrics.get("tokens", 0) / seconds,
-                "weight_version": job.version, "rollout/staleness": staleness,
+                "weight_version": state.version, "rollout/staleness": staleness,
                 # which prompts this step trained on, as a number MLflow can plot (resume checks)
-                "batch/ids_crc": zlib.crc32(",".join(g.sample.id for g in groups).encode()) % 2**24,
+                "batch/ids_crc": zlib.crc32(",".join(g.sample.id for g in trained).encode()) % 2**24,
                 "pool/reward_samples_per_s": pool["samples_per_s"], "pool/queued_groups": pool["queued_groups"],
                 "pool/idle_workers": pool["idle_workers"], **job.data.skipped_metrics()})
     return out

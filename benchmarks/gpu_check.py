@@ -14,7 +14,7 @@ The project's own components, built directly (DESIGN §3: learner/, reward/, rol
 3. sync     the updated weights leave the learner two ways, bucket by bucket (--bucket-mb):
             host:       Learner.weight_buckets (ZeRO-3: gather a bucket, copy to host memory, release),
                         the tensors the Ray/RPC path hands to rollout workers;
-            collective: Learner.broadcast_weights through rollout/broadcast.py's group into a second
+            collective: Learner.broadcast_weights through weight_sync/group.py's group into a second
                         process that receives as a vLLM worker does (gloo on CPU; NCCL on GPU, which
                         needs a second GPU: NCCL puts no two ranks of one group on one GPU). The
                         receiver's checksum of every bucket must equal the sender's.
@@ -49,8 +49,8 @@ there; Ray, vLLM, DeepSpeed, SAM2, pycocotools are not, so this script imports n
 nor any module that does; versions from .library/device/KINDS.md's package list). Prepare the ignored
 folder gpu_wheels/ once, here, in the repository root (18 MB; the carry limit is 64 MiB):
 
-    SAM2_BUILD_CUDA=0 DS_BUILD_OPS=0 python3 -m pip download --no-deps --no-binary :all: --no-build-isolation -d gpu_wheels \\
-        sam2==1.1.0 deepspeed==0.19.8 antlr4-python3-runtime==4.9.3 iopath==0.1.10
+    SAM2_BUILD_CUDA=0 DS_BUILD_OPS=0 python3 -m pip download --no-deps --no-binary :all: --no-build-isolation \\
+        -d gpu_wheels sam2==1.1.0 deepspeed==0.19.8 antlr4-python3-runtime==4.9.3 iopath==0.1.10
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d gpu_wheels hydra-core==1.3.8 omegaconf==2.3.1 hjson==3.1.0 pydantic==2.13.4 \\
@@ -60,8 +60,8 @@ folder gpu_wheels/ once, here, in the repository root (18 MB; the carry limit is
 then run, with the device tool (carry: ["gpu_wheels"], timeout_s 600; estimated 4-6 minutes, not yet
 measured there):
 
-    set -o pipefail; SAM2_BUILD_CUDA=0 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation \\
-        --target /tmp/site gpu_wheels/* && export PYTHONPATH=/tmp/site && \\
+    set -o pipefail; SAM2_BUILD_CUDA=0 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps \\
+        --no-build-isolation --target /tmp/site gpu_wheels/* && export PYTHONPATH=/tmp/site && \\
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 Options shrink or grow the check, e.g. --stages 2 --steps 2 when device time is short; --hidden 1536
@@ -106,24 +106,25 @@ def synthetic_samples(n: int, image_size: int, seed: int):
     return [row_to_sample(synthetic_row(i, image_size=image_size, seed=seed)) for i in range(n)]
 
 
-def grpo_batch(tokenizer, seqs: int, group_size: int, response_len: int, image_size: int) -> list[dict]:
-    """seqs learner samples: seqs / group_size prompts, each repeated for its group, with random
-    response ids (byte and number tokens: never special or vision tokens), vLLM-like logprobs and
-    random advantages."""
+def grpo_batch(tokenizer, seqs: int, group_size: int, response_len: int, image_size: int):
+    """A trajectory.LearnerBatch of seqs sequences: seqs / group_size prompts, each repeated for its
+    group, with random response ids (byte and number tokens: never special or vision tokens),
+    vLLM-like logprobs and random advantages."""
     import numpy as np
 
     from policy.prompt import chat_prompt
     from policy.tiny import NUMBER_TOKENS
+    from trajectory import LearnerBatch, LearnerSequence
 
     rng = np.random.default_rng(0)
     token_pool = np.array(list(range(256)) + tokenizer.convert_tokens_to_ids(NUMBER_TOKENS))
     prompts = synthetic_samples(math.ceil(seqs / group_size), image_size, seed=0)
-    return [{"sample_id": f"{prompts[i // group_size].id}/{i % group_size}",
-             "prompt": chat_prompt(prompts[i // group_size].problem),
-             "image": prompts[i // group_size].model_image(image_size),
-             "response_ids": rng.choice(token_pool, response_len).tolist(),
-             "logprobs": [-7.0] * response_len, "advantage": float(rng.normal())}
-            for i in range(seqs)]
+    images = [p.model_image(image_size) for p in prompts]
+    return LearnerBatch([LearnerSequence(chat_prompt(prompts[i // group_size].problem), images[i // group_size],
+                                         rng.choice(token_pool, response_len).tolist(), [-7.0] * response_len,
+                                         float(rng.normal()), group=prompts[i // group_size].id,
+                                         answer=i % group_size)
+                         for i in range(seqs)])
 
 
 def reward_groups(n: int, image_size: int, model_size: int, group_size: int) -> list[dict]:
@@ -171,11 +172,11 @@ def param_counts(model) -> dict[str, int]:
 
 
 def receive_weights(address: str, port: int, device: str, plan: list, queue) -> None:
-    """The receiving end of the broadcast group in its own process (rollout/broadcast.py, as a vLLM
+    """The receiving end of the broadcast group in its own process (weight_sync/group.py, as a vLLM
     worker runs it, minus the engine): every bucket of ``plan``; puts (checksums, time.time() at the end)."""
     import torch
 
-    from rollout.broadcast import WeightGroup
+    from weight_sync.group import WeightGroup
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -188,7 +189,7 @@ def receive_weights(address: str, port: int, device: str, plan: list, queue) -> 
 
 def measure_sync(learner, bucket_bytes: int) -> dict[str, float]:
     """Host path (Learner.weight_buckets, what the RPC path hands to Ray) and the collective path
-    (Learner.broadcast_weights into a second process through rollout/broadcast.py's group: gloo on CPU,
+    (Learner.broadcast_weights into a second process through weight_sync/group.py's group: gloo on CPU,
     NCCL between two GPUs), one warm-up pass each, then one timed pass; the receiver's checksums of
     every bucket must equal the sender's. NCCL cannot put two ranks of one group on one GPU: with a
     single GPU the collective part is skipped (reported as such)."""
@@ -196,7 +197,6 @@ def measure_sync(learner, bucket_bytes: int) -> dict[str, float]:
 
     import torch
 
-    from rollout.broadcast import WeightGroup
 
     def host_pass() -> tuple[int, int]:
         n_bytes = n_buckets = 0
@@ -262,13 +262,13 @@ def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: 
 
     batch = grpo_batch(learner.processor.tokenizer, args.seqs, args.group_size, args.response_len, args.image_size)
     prompt_tokens, patches = 0, 0
-    for i, s in enumerate(batch):
-        enc = learner.processor(text=[s["prompt"]], images=[s["image"]], return_tensors="pt")
+    for i, s in enumerate(batch.sequences):
+        enc = learner.processor(text=[s.prompt], images=[s.image], return_tensors="pt")
         prompt_tokens += enc["input_ids"].shape[1]
-        first_in_micro_batch = batch[i - i % args.micro_batch:i]
-        if all(other["image"] is not s["image"] for other in first_in_micro_batch):
+        first_in_micro_batch = batch.sequences[i - i % args.micro_batch:i]
+        if all(other.image is not s.image for other in first_in_micro_batch):
             patches += int(enc["image_grid_thw"].prod())  # the vision tower runs once per image per micro-batch
-    response_tokens = sum(len(s["response_ids"]) for s in batch)
+    response_tokens = sum(len(s.response_ids) for s in batch.sequences)
     tokens = prompt_tokens + response_tokens
     merge = learner.model.config.vision_config.spatial_merge_size ** 2
     flops = 6 * (counts["body_params"] * tokens + counts["head_params"] * response_tokens

@@ -35,19 +35,22 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def make_batch(n: int, response_len: int, image_size: int, group: int) -> list[dict]:
-    """n sequences: n / group prompts, each with its image object shared by its group's answers."""
+def make_batch(n: int, response_len: int, image_size: int, group: int):
+    """A LearnerBatch of n sequences: n / group prompts, each with its image object shared by its
+    group's answers."""
     import numpy as np
     from PIL import Image
 
     from policy.prompt import chat_prompt
+    from trajectory import LearnerBatch, LearnerSequence
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))
               for _ in range(-(-n // group))]
-    return [{"sample_id": f"{i // group}/{i % group}", "prompt": chat_prompt(f"the object number {i // group}"),
-             "image": images[i // group], "response_ids": rng.integers(300, 1300, response_len).tolist(),
-             "logprobs": [-7.0] * response_len, "advantage": float(rng.normal())} for i in range(n)]
+    return LearnerBatch([LearnerSequence(chat_prompt(f"the object number {i // group}"), images[i // group],
+                                         rng.integers(300, 1300, response_len).tolist(), [-7.0] * response_len,
+                                         float(rng.normal()), group=str(i // group), answer=i % group)
+                         for i in range(n)])
 
 
 def run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -63,22 +66,23 @@ def run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, ou
     cfg.model.image_size = args.image_size
     learner = Learner(cfg, args.policy, rank, world_size, master_port=port)
     batch = make_batch(args.seqs, args.response_len, args.image_size, args.group)
-    shard = batch[rank::world_size]
+    shard = batch.shards(world_size)[rank]
     num_tokens = args.seqs * args.response_len
-    learner.train_step(shard, num_tokens, args.seqs)  # warm-up
+    learner.train_step(shard)  # warm-up
     rss_before = rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
     phases: dict[str, float] = {}
     for _ in range(args.steps):
-        metrics = learner.train_step(shard, num_tokens, args.seqs)
+        metrics = learner.train_step(shard)
         for k, v in metrics.items():
             if k.startswith("time/learner/"):
-                phases[k.removeprefix("time/learner/")] = phases.get(k.removeprefix("time/learner/"), 0.0) + v / args.steps
+                phases[k.removeprefix("time/learner/")] = (
+                    phases.get(k.removeprefix("time/learner/"), 0.0) + v / args.steps)
     seconds = (time.perf_counter() - start) / args.steps
     cpu_seconds = (time.process_time() - cpu_start) / args.steps
     if rank == 0:
-        prompt_tokens = sum(learner.processor(text=[s["prompt"]], images=[s["image"]])["input_ids"][0].__len__()
-                            for s in batch)
+        prompt_tokens = sum(learner.processor(text=[s.prompt], images=[s.image])["input_ids"][0].__len__()
+                            for s in batch.sequences)
         result = {"stage": args.stage, "ranks": world_size, "s_per_step": seconds, "cpu_s_per_step": cpu_seconds,
                   "response_tok_s": num_tokens / seconds, "all_tok_s": (num_tokens + prompt_tokens) / seconds,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -88,7 +92,7 @@ def run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, ou
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            learner.train_step(shard, num_tokens, args.seqs)
+            learner.train_step(shard)
         if rank == 0:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
             Path(out).with_name(f"profile_z{args.stage}_r{world_size}.txt").write_text(table)
@@ -141,11 +145,18 @@ def main() -> None:
                 print(f"\n# ZeRO-{stage}, {ranks} rank(s): one step under torch.profiler, costliest operators "
                       f"(rank 0)\n{profile.read_text()}", flush=True)
 
+    report(args, results)
+
+
+def report(args, results: list[dict]) -> None:
+    """The table of runs, the learner's phases per run, and the ZeRO-3/ZeRO-2 and 2-rank/1-rank ratios."""
     print(f"\nbatch: {args.seqs} seqs x {args.response_len} response tokens, micro-batch {args.micro_batch}, "
           f"{args.steps} timed steps, policy {args.policy}")
-    print(f"{'ZeRO':>4} {'ranks':>5} {'s/step':>8} {'cpu s/step':>10} {'resp tok/s':>11} {'all tok/s':>10} {'peak RSS MiB':>13} {'RSS growth':>11}")
+    print(f"{'ZeRO':>4} {'ranks':>5} {'s/step':>8} {'cpu s/step':>10} {'resp tok/s':>11} {'all tok/s':>10} "
+          f"{'peak RSS MiB':>13} {'RSS growth':>11}")
     for r in results:
-        print(f"{r['stage']:>4} {r['ranks']:>5} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {r['response_tok_s']:>11.0f} "
+        print(f"{r['stage']:>4} {r['ranks']:>5} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} "
+              f"{r['response_tok_s']:>11.0f} "
               f"{r['all_tok_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['rss_growth_mib']:>11.0f}")
     names = list(dict.fromkeys(k for r in results for k in r["phases"]))
     print(f"\nlearner phases, s/step (slowest rank): {'ZeRO':>4} {'ranks':>5} " + " ".join(f"{n:>9}" for n in names))

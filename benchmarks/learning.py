@@ -104,7 +104,8 @@ def main(argv=None) -> int:
             s = history(sft[seed])
             baselines.append(s['eval/giou_segzero'][0])
             sft_cell = f" | {baselines[-1]:.3f} +- {s['eval/giou_segzero_se'][0]:.3f}"
-        rows.append(f"| {seed} | {cell(first)} | {cell(last)} ({g[last] - g[first]:+.3f}) | {cell(best)} at step {best} "
+        rows.append(f"| {seed} | {cell(first)} | {cell(last)} ({g[last] - g[first]:+.3f}) | {cell(best)} "
+                    f"at step {best} "
                     f"| {reward[first]:.2f} -> {reward[last]:.2f}{sft_cell} |")
     head = "| seed | warm start (step 0) | after GRPO (gain) | best evaluation | held-out reward |"
     if sft:

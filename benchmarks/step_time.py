@@ -158,7 +158,7 @@ def breakdown(m: dict[str, list[float]]) -> list[tuple[str, float]]:
             ("  of which during generation", mean(overlapped)),
             ("idle: rollout pool", mean([s - g for s, g in zip(steps, m["time/generate"])])),
             ("idle: reward pool (at least)", mean([s - b for s, b in zip(steps, busy_reward)])),
-            ("idle: learner", mean([s - l for s, l in zip(steps, m["time/learner"])]))]
+            ("idle: learner", mean([s - learner for s, learner in zip(steps, m["time/learner"])]))]
     # Idle metrics, should launch.py log its own (any name with "idle"), are shown as logged.
     rows += [(f"logged {k}", mean(v)) for k, v in sorted(m.items()) if "idle" in k]
     return rows

@@ -11,7 +11,7 @@ after each sync, on every worker, and is not counted):
     rpc         rollout.weight_sync=rpc: learner rank 0 puts each bucket in Ray's object store once,
                 every worker fetches and loads it (cluster/weight_sync.py)
     collective  rollout.weight_sync=collective: learner rank 0 broadcasts each bucket to every worker
-                in one gloo group (cluster/broadcast.py; NCCL on GPUs)
+                in one gloo group (cluster/weight_sync.py CollectiveSync; NCCL on GPUs)
 Layouts:
     one-node    one Ray node: the object store is shared memory for every actor
     multi-node  ray.cluster_utils.Cluster on this machine: a head node holding the learner, and two
@@ -53,6 +53,38 @@ def node_of(actor) -> str:
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
+def bench_config(dtype: str):
+    """The jobs' config: collective sync with the parity probe after every sync, no KL reference."""
+    from config import Config
+
+    cfg = Config()
+    cfg.model.dtype = dtype
+    cfg.learner.kl_coef = 0.0
+    cfg.rollout.weight_sync = "collective"
+    cfg.rollout.kv_cache_gib = 0.25
+    cfg.cluster.sync_parity_check = True
+    cfg.cluster.sync_parity_tolerance = TOLERANCE[dtype]
+    return cfg
+
+
+def time_syncs(repeats: int, learners, rollouts, methods: dict, version: int) -> tuple[dict, int]:
+    """Each method's median s per sync to ``rollouts.workers`` over ``repeats`` (after one warm-up that
+    also builds the broadcast group), the bytes per worker and the largest parity difference; and the
+    last weight version pushed."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    n_bytes, parity = 0, 0.0
+    for repeat in range(repeats + 1):
+        for method, sync in methods.items():
+            rollouts.sync = sync
+            version += 1
+            metrics = rollouts.sync_from(learners, version)
+            parity = max(parity, metrics["sync/parity_max_diff"])
+            n_bytes = metrics["sync/bytes"]
+            if repeat:
+                times[method].append(metrics["time/sync"])
+    return {"bytes": n_bytes, "parity": parity, **{m: statistics.median(t) for m, t in times.items()}}, version
+
+
 def run_policy(args, layout: str, name: str, work: Path) -> list[dict]:
     """One Ray cluster for one policy: the learner, the engines, then every worker count."""
     import ray
@@ -61,20 +93,14 @@ def run_policy(args, layout: str, name: str, work: Path) -> list[dict]:
     from cluster.job import parity_probe, runtime_env
     from cluster.learners import LearnerGroup
     from cluster.rollout import RolloutGroup
-    from config import Config
+    from cluster.weight_sync import RpcSync
     from data.dataset import ParquetSource
     from data.synthetic import write_synthetic
     from policy.tiny import build_tiny_policy
 
     counts = sorted(args.workers)
     shape, dtype = POLICIES[name]
-    cfg = Config()
-    cfg.model.dtype = dtype
-    cfg.learner.kl_coef = 0.0
-    cfg.rollout.weight_sync = "collective"
-    cfg.rollout.kv_cache_gib = 0.25
-    cfg.cluster.sync_parity_check = True
-    cfg.cluster.sync_parity_tolerance = TOLERANCE[dtype]
+    cfg = bench_config(dtype)
     policy = str(build_tiny_policy(work / f"policy_{name}", image_size=cfg.model.image_size, **shape))
     sample = next(ParquetSource(write_synthetic(work / "probe.parquet", 1, cfg.model.image_size),
                                 shuffle=False).iter_epoch())
@@ -102,25 +128,12 @@ def run_policy(args, layout: str, name: str, work: Path) -> list[dict]:
                 by_node.setdefault(node_of(w), []).append(w)
             assert node_of(learners.ranks[0]) not in by_node, "a rollout worker landed on the learner's node"
             everyone = [w for pair in zip(*by_node.values()) for w in pair] if len(by_node) > 1 else everyone
-        collective, version = rollouts.broadcast, 0
+        methods, version = {"rpc": RpcSync(cfg), "collective": rollouts.sync}, 0
         for n in counts:
             rollouts.workers = everyone[:n]
-            times: dict[str, list[float]] = {"rpc": [], "collective": []}
-            n_bytes, parity = 0, 0.0
-            for repeat in range(args.repeats + 1):
-                for method in ("rpc", "collective"):
-                    # the method is the group's broadcast: none = RPC through the object store
-                    rollouts.broadcast = collective if method == "collective" else None
-                    version += 1
-                    metrics = rollouts.sync_from(learners, version)
-                    parity = max(parity, metrics["sync/parity_max_diff"])
-                    n_bytes = metrics["sync/bytes"]
-                    if repeat:  # the first of each is a warm-up (and builds the group)
-                        times[method].append(metrics["time/sync"])
-            row = {"layout": layout, "policy": name, "workers": n, "bytes": n_bytes, "parity": parity,
-                   **{m: statistics.median(t) for m, t in times.items()}}
-            rows.append(row)
-            print_row(row, flush=True)
+            row, version = time_syncs(args.repeats, learners, rollouts, methods, version)
+            rows.append({"layout": layout, "policy": name, "workers": n, **row})
+            print_row(rows[-1], flush=True)
         rollouts.workers = everyone
         rollouts.shutdown()
         learners.shutdown()

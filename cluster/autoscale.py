@@ -17,7 +17,7 @@ autoscaler, a request no node can hold brings a node.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from config import RewardAutoscaleConfig
 
@@ -59,3 +59,13 @@ class RewardAutoscaler:
             self.window.clear()
         self.last = Decision(workers, change, reason, fraction)
         return self.last
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the look-back window, steps since the last change, the last decision."""
+        return {"window": list(self.window), "since_change": self.since_change,
+                "last": None if self.last is None else asdict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = deque(state["window"], maxlen=self.cfg.cooldown_steps)
+        self.since_change = state["since_change"]
+        self.last = None if state["last"] is None else Decision(**state["last"])

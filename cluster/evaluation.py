@@ -41,8 +41,8 @@ def evaluate_policy(cfg: Config, rollouts, samples: list[Sample], overlay_dir: s
 
 def evaluate_and_log(job, step: int) -> dict:
     """Held-out gIoU/cIoU and reward of the job's current policy, logged as eval/* at ``step`` with
-    overlay pictures, and kept as the best policy when it is (``Job.keep_if_best``); a failed evaluation
-    is logged and skipped (it never stops training)."""
+    overlay pictures; returns the result (the loop keeps the best policy, ``Job.keep_if_best``). A
+    failed evaluation is logged and skipped ({}: it never stops training)."""
     t0 = time.perf_counter()
     name = f"step_{step:06d}"
     try:
@@ -58,5 +58,4 @@ def evaluate_and_log(job, step: int) -> dict:
     log.info("eval at step %d on %d rows: gIoU %.4f +- %.4f cIoU %.4f (segzero convention), box IoU %.4f, reward "
              "%.3f, parse failures %.1f%%", step, result["n"], result["giou_segzero"], result["giou_segzero_se"],
              result["ciou_segzero"], result["box_iou"], result["reward"], 100 * result["parse_failure_rate"])
-    job.keep_if_best(step, result)
     return result

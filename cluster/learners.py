@@ -1,13 +1,13 @@
 """LearnerGroup: the learner ranks (Ray actors of ``learner.Learner``) behind plain methods.
 
     learners = LearnerGroup(cfg, policy_path)           # R ranks in one placement group (PACK)
-    metrics = learners.train_step(batch)                # sharded over ranks, whole-batch token count
-    refs = learners.weight_bucket_refs(bucket_bytes, deadline)   # rank 0's buckets in Ray's object store
+    metrics = learners.train_step(batch)                # a trajectory.LearnerBatch, sharded over ranks
 
 Every Learner method is collective, so each call here goes to every rank at once (each with its shard)
 and waits for all of them with the job's call timeout; every rank returns the same whole-batch
-metrics. The batch is split by stride (sequence i to rank i mod R); the learner normalises every
-micro-batch loss by the WHOLE batch's token and sequence counts, passed to every rank.
+metrics. The batch is split by stride (sequence i to rank i mod R, ``LearnerBatch.shards``); the
+learner normalises every micro-batch loss by the WHOLE batch's token and sequence counts, which every
+shard carries. The weights leave through cluster/weight_sync.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.placement import PLACEMENT, actor_options, address_and_port, assigned_cuda_device
 from config import Config
-from rollout.group import InvariantError
+from trajectory import LearnerBatch, LearnerSequence
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,10 @@ class LearnerGroup:
                 for r, rank in enumerate(self.ranks)]
         return get_all(refs, self.timeout_s)
 
-    def _shards(self, batch: list[dict]) -> list[list[dict]]:
-        return [batch[r::len(self.ranks)] for r in range(len(self.ranks))]
-
-    def train_step(self, batch: list[dict], while_waiting: Callable[[], object] | None = None) -> dict:
+    def train_step(self, batch: LearnerBatch, while_waiting: Callable[[], object] | None = None) -> dict:
         """One GRPO update over the whole batch; ``while_waiting`` is called repeatedly until the ranks
         are done (one-step off-policy: the next round's finished groups go to the reward pool)."""
-        num_tokens = sum(len(seq["response_ids"]) for seq in batch)
-        refs = [rank.train_step.remote(shard, num_tokens, len(batch))
-                for rank, shard in zip(self.ranks, self._shards(batch))]
+        refs = [rank.train_step.remote(shard) for rank, shard in zip(self.ranks, batch.shards(len(self.ranks)))]
         deadline = time.monotonic() + self.timeout_s
         while while_waiting is not None and time.monotonic() < deadline:
             ready, running = ray.wait(refs, num_returns=len(refs), timeout=0.1)
@@ -112,23 +107,15 @@ class LearnerGroup:
                 break
             get_all(ready, 1.0)  # a rank that died fails the step now, not at the timeout
             while_waiting()
-        metrics = get_all(refs, max(1.0, deadline - time.monotonic()))[0]
-        if round(metrics["trained_seqs"]) != len(batch):  # each sequence trained once, on one rank
-            raise InvariantError(f"the learner ranks trained {metrics['trained_seqs']:.0f} sequences; the batch "
-                                 f"holds {len(batch)}")
-        return metrics
+        return get_all(refs, max(1.0, deadline - time.monotonic()))[0]
 
-    def sft_step(self, batch: list[dict]) -> dict:
+    def sft_step(self, batch: LearnerBatch) -> dict:
         """One supervised warm-start update (response tokens of the reference answers)."""
-        return self._all("sft_step", sum(len(seq["response_ids"]) for seq in batch), shards=self._shards(batch))[0]
+        return self._all("sft_step", shards=batch.shards(len(self.ranks)))[0]
 
-    def logprobs(self, seqs: list[dict], temperature: float) -> list[list[float]]:
+    def logprobs(self, seqs: list[LearnerSequence], sampled: bool = True) -> list[list[float]]:
         """Per-token logprobs of ``seqs`` under the current policy, computed on rank 0."""
-        shards = [seqs] + [[] for _ in self.ranks[1:]]
-        return self._all("logprobs", temperature, shards=shards)[0]
-
-    def set_lr(self, lr: float) -> None:
-        self._all("set_lr", lr)
+        return self._all("logprobs", sampled, shards=[seqs] + [[] for _ in self.ranks[1:]])[0]
 
     def export_hf(self, out_dir) -> None:
         self._all("export_hf", str(out_dir))
@@ -141,17 +128,6 @@ class LearnerGroup:
 
     def load_checkpoint(self, ckpt_dir) -> None:
         self._all("load_checkpoint", str(ckpt_dir))
-
-    def weight_bucket_refs(self, bucket_bytes: int, deadline: float, too_slow: Exception) -> list:
-        """Rank 0's weight buckets (lists of (HF name, tensor)) as object refs in Ray's object store,
-        in order. Collective: under ZeRO-3 every rank helps gather each bucket, so the other ranks'
-        (empty) streams are drained too. Raises ``too_slow`` when ``deadline`` passes."""
-        streams = [r.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for r in self.ranks]
-        refs = list(_stream(streams[0], deadline, too_slow))
-        for other in streams[1:]:
-            for ref in _stream(other, deadline, too_slow):
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-        return refs
 
     def lost(self, exc: Exception, wait_s: float = 30.0) -> LearnerLost | None:
         """Whether ``exc`` (from any call of the job) means a learner rank died: a LearnerLost, or any
@@ -195,19 +171,3 @@ class LearnerGroup:
         self._kill_ranks()
         remove_placement_group(self.placement_group)
 
-
-def _stream(stream, deadline: float, too_slow: Exception):
-    """Object refs of a streaming actor generator, each waited for until ``deadline``."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise too_slow
-        ready, _ = ray.wait([stream], timeout=left)
-        if not ready:
-            continue
-        try:
-            yield next(stream)
-        except StopIteration:
-            return
-        except ray.exceptions.RayActorError as exc:
-            raise LearnerLost(f"a learner rank died while streaming its weights: {type(exc).__name__}") from exc

@@ -151,13 +151,21 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
     """The plan of ``cfg`` for the policy at ``policy_path`` (its config.json is enough), against a
     cluster of ``nodes`` x ``gpus_per_node`` GPUs of ``cluster.gpu_memory_gb`` each (None: not checked),
     whose checkpoint storage takes ``storage_gbps`` GB/s per learner rank."""
-    c, r, lc = cfg.cluster, cfg.rollout, cfg.learner
-    gpu_gb = c.gpu_memory_gb
     shape, plan = model_shape(policy_path), Plan()
-    on_gpu = c.learner.num_gpus > 0
+    on_gpu = cfg.cluster.learner.num_gpus > 0
     width = 2 if cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu) else 4
+    plan_actors(plan, cfg, gpus_per_node, nodes)
+    plan_tokens(plan, cfg, shape, policy_path)
+    plan_memory(plan, cfg, shape, width)
+    if on_gpu:
+        check_gpu_memory(plan, cfg)
+    plan_checkpoints(plan, cfg, shape, width, storage_gbps)
+    return plan
 
-    # Actors and the GPUs they reserve.
+
+def plan_actors(plan: Plan, cfg: Config, gpus_per_node: int | None, nodes: int) -> None:
+    """The actors and the GPUs they reserve, against the cluster's when it is given."""
+    c, r = cfg.cluster, cfg.rollout
     plan.actors = [("learner rank", c.learner_ranks, c.learner.num_gpus, c.learner.num_cpus),
                    ("rollout engine", c.rollout_workers, c.rollout.num_gpus * r.tensor_parallel_size,
                     c.rollout.num_cpus * r.tensor_parallel_size),
@@ -171,18 +179,20 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
             plan.problems.append(f"the actors reserve {total:g} GPUs; the cluster has {have}")
         elif total < have:
             plan.warnings.append(f"{have - total:g} of the cluster's {have} GPUs are not used by any actor")
-    uses_segmenter = cfg.reward.mask_iou != "off"
-    if c.reward.num_gpus and not uses_segmenter:
+    if c.reward.num_gpus and cfg.reward.mask_iou == "off":
         plan.warnings.append(f"{c.reward_workers} reward workers reserve {c.reward_workers * c.reward.num_gpus:g} "
                              "GPUs, but reward.mask_iou is off: no segmenter is loaded on them (set "
                              "cluster.reward.num_gpus=0, or turn the mask-IoU reward on)")
 
-    # Tokens of one sequence: image + prompt + response.
+
+def plan_tokens(plan: Plan, cfg: Config, shape, policy_path: str) -> None:
+    """Tokens of one sequence: image + prompt + response, against rollout.max_model_len."""
+    r = cfg.rollout
     image_tokens = (cfg.model.image_size // (shape.patch * shape.merge)) ** 2
-    patches = image_tokens * shape.merge ** 2
     prompt = prompt_tokens(cfg, policy_path)
     sequence = image_tokens + prompt + r.max_new_tokens
-    plan.other.update(image_tokens=image_tokens, prompt_tokens=prompt, sequence_tokens=sequence)
+    plan.other.update(image_tokens=image_tokens, prompt_tokens=prompt, sequence_tokens=sequence,
+                      patches=image_tokens * shape.merge ** 2)
     if image_tokens + prompt >= r.max_model_len:
         plan.problems.append(f"rollout.max_model_len={r.max_model_len} <= image {image_tokens} + prompt ~{prompt} "
                              "tokens: no prompt fits")
@@ -190,14 +200,19 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
         plan.warnings.append(f"rollout.max_model_len={r.max_model_len} < image {image_tokens} + prompt ~{prompt} + "
                              f"rollout.max_new_tokens {r.max_new_tokens} = {sequence} tokens: long answers are cut")
 
-    # One learner rank.
-    mb = lc.micro_batch_size
+
+def plan_memory(plan: Plan, cfg: Config, shape, width: int) -> None:
+    """Memory of one learner rank (model states, reference, logits, activations of one micro-batch) and
+    of one vLLM engine (tensor parallelism splits weights and cache over its GPUs)."""
+    c, r, lc = cfg.cluster, cfg.rollout, cfg.learner
+    mb, sequence, patches = lc.micro_batch_size, plan.other["sequence_tokens"], plan.other["patches"]
 
     def activations(checkpointing: bool) -> tuple[float, float]:
         """(text, vision) activation bytes of one micro-batch."""
         def tower(layers, hidden, tokens):
             per_layer = 34 * hidden * width / 2
-            return ((layers * 2 * hidden * width / 2 + per_layer) if checkpointing else layers * per_layer) * tokens * mb
+            return (((layers * 2 * hidden * width / 2 + per_layer) if checkpointing else layers * per_layer)
+                    * tokens * mb)
         vision = 0.0 if lc.freeze_vision else tower(shape.vision_layers, shape.vision_hidden, patches)
         return tower(shape.layers, shape.hidden, sequence), vision
 
@@ -205,37 +220,48 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
     plan.other["activations, other checkpointing setting"] = sum(activations(not lc.gradient_checkpointing))
     plan.learner = {
         "model states": model_states_bytes(cfg, shape, width),
-        "reference model": (width * shape.params / (c.learner_ranks if lc.zero_stage == 3 else 1)) if lc.kl_coef > 0 else 0,
+        "reference model": ((width * shape.params / (c.learner_ranks if lc.zero_stage == 3 else 1))
+                            if lc.kl_coef > 0 else 0),
         "logits (one micro-batch)": mb * r.max_new_tokens * shape.vocab * 4 * 3,
         "activations, text": text_acts,
         "activations, vision": vision_acts,
     }
-    # One vLLM engine (TP splits weights and cache over its GPUs).
     concurrent = math.ceil(r.prompts_per_step * r.group_size / c.rollout_workers)
+    plan.other["concurrent sequences"] = concurrent
     tp = r.tensor_parallel_size
     plan.rollout = {
         "weights": width * shape.params / tp,
-        "KV cache of the batch": 2 * shape.layers * shape.kv_heads * shape.head_dim * width * sequence * concurrent / tp,
+        "KV cache of the batch": (2 * shape.layers * shape.kv_heads * shape.head_dim * width * sequence * concurrent
+                                  / tp),
     }
-    if on_gpu:
-        budget = gpu_gb * GB
-        learner_total = sum(plan.learner.values())
-        if learner_total > 0.95 * budget:
-            plan.problems.append(f"a learner GPU needs ~{learner_total / GB:.1f} GB of {gpu_gb:g} GB")
-        vllm_budget = r.gpu_memory_utilization * budget
-        vllm_need = sum(plan.rollout.values())
-        if vllm_need > vllm_budget:
-            plan.problems.append(f"a vLLM engine needs ~{vllm_need / GB:.1f} GB (weights + KV cache of "
-                                 f"{concurrent} sequences) > rollout.gpu_memory_utilization x {gpu_gb:g} GB")
-        reward_gb = SAM2_GB.get(_sam2_size(cfg.reward.sam2_config), 3.0) if uses_segmenter else 0.0
-        plan.other["reward worker GB"] = reward_gb
-        if c.reward.num_gpus and reward_gb > c.reward.num_gpus * gpu_gb:
-            plan.problems.append(f"a reward worker needs ~{reward_gb:g} GB > its {c.reward.num_gpus:g} GPU share")
 
-    # Checkpoints and weight sync.
+
+def check_gpu_memory(plan: Plan, cfg: Config) -> None:
+    """Each actor's memory against its GPU share of cluster.gpu_memory_gb."""
+    c, r = cfg.cluster, cfg.rollout
+    gpu_gb = c.gpu_memory_gb
+    budget = gpu_gb * GB
+    learner_total = sum(plan.learner.values())
+    if learner_total > 0.95 * budget:
+        plan.problems.append(f"a learner GPU needs ~{learner_total / GB:.1f} GB of {gpu_gb:g} GB")
+    vllm_need = sum(plan.rollout.values())
+    if vllm_need > r.gpu_memory_utilization * budget:
+        plan.problems.append(f"a vLLM engine needs ~{vllm_need / GB:.1f} GB (weights + KV cache of "
+                             f"{plan.other['concurrent sequences']} sequences) > rollout.gpu_memory_utilization x "
+                             f"{gpu_gb:g} GB")
+    reward_gb = SAM2_GB.get(_sam2_size(cfg.reward.sam2_config), 3.0) if cfg.reward.mask_iou != "off" else 0.0
+    plan.other["reward worker GB"] = reward_gb
+    if c.reward.num_gpus and reward_gb > c.reward.num_gpus * gpu_gb:
+        plan.problems.append(f"a reward worker needs ~{reward_gb:g} GB > its {c.reward.num_gpus:g} GPU share")
+
+
+def plan_checkpoints(plan: Plan, cfg: Config, shape, width: int, storage_gbps: float) -> None:
+    """Checkpoint bytes (in memory and on disk) and write time, and the bytes of one weight sync."""
+    c, lc = cfg.cluster, cfg.learner
     trained = shape.params - (shape.vision if lc.freeze_vision else 0)
     # ZeRO-2 saves the module's weights and the fp32 master + Adam states; ZeRO-3 the partitioned states only
-    plan.other["checkpoint bytes"] = 12 * trained + width * (shape.params if lc.zero_stage == 2 else shape.params - trained)
+    plan.other["checkpoint bytes"] = (12 * trained
+                                      + width * (shape.params if lc.zero_stage == 2 else shape.params - trained))
     plan.other["checkpoint disk bytes"] = plan.other["checkpoint bytes"] * (cfg.train.keep_checkpoints + 1)
     # Every rank writes its own part at once, within one learner call (cluster.call_timeout_s).
     per_rank = plan.other["checkpoint bytes"] / (c.learner_ranks if lc.zero_stage == 3 else 1)
@@ -246,7 +272,6 @@ def make_plan(cfg: Config, policy_path: str, gpus_per_node: int | None = None, n
                              f"cluster.call_timeout_s={c.call_timeout_s:g}")
     plan.other["sync bytes"] = width * trained
     plan.other.update(params=shape.params, trained_params=trained)
-    return plan
 
 
 def _sam2_size(sam2_config: str) -> str:
@@ -304,7 +329,8 @@ def format_plan(cfg: Config, plan: Plan, policy_path: str) -> str:
             lines.append(f"  (activations with gradient checkpointing {other}: "
                          f"{o['activations, other checkpointing setting'] / GB:.2f} GB)")
     if cfg.cluster.learner.num_gpus:
-        lines.append(f"  vLLM budget: rollout.gpu_memory_utilization {cfg.rollout.gpu_memory_utilization} x {gpu_gb:g} GB = "
+        lines.append(f"  vLLM budget: rollout.gpu_memory_utilization {cfg.rollout.gpu_memory_utilization} "
+                     f"x {gpu_gb:g} GB = "
                      f"{cfg.rollout.gpu_memory_utilization * gpu_gb:.1f} GB; learner margin "
                      f"{gpu_gb - sum(plan.learner.values()) / GB:.1f} GB")
         lines.append(f"per reward worker: ~{o['reward worker GB']:g} GB")

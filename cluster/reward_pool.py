@@ -2,7 +2,7 @@
 
     pool = RewardPool(cfg.reward, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=600)
     pool.submit(sample_id, group)          # dispatched at once to the least-loaded actor
-    rewards = pool.collect(sample_ids)     # {sample_id: [per-response dict]}, every group exactly once
+    rewards = pool.collect(sample_ids)     # {sample_id: [trajectory.Reward]}, every group exactly once
 
 Fault handling: an actor that dies (ray.kill, node loss, OOM), makes no progress for `call_timeout_s`
 once up (hung: its queue's head has run that long), or is not up within `startup_timeout_s`, is
@@ -92,11 +92,11 @@ class RewardPool:
         else:
             self._queued += 1  # waits behind another group: one more worker would have scored it at once
         self._t_first = self._t_first or now
-        worker.inflight[worker.actor.score_group.remote(self._groups[key])] = key
+        worker.inflight[worker.actor.rewards.remote(self._groups[key])] = key
 
     # -- collection -----------------------------------------------------------------------------
     def collect(self, keys) -> dict:
-        """Wait until every group in `keys` is scored; returns {key: [per-response dict]}."""
+        """Wait until every group in `keys` is scored; returns {key: [Reward per response]}."""
         keys = list(keys)
         unknown = [k for k in keys if k not in self._groups]
         if unknown:
@@ -250,6 +250,7 @@ def _evaluate_on_worker(worker: RewardWorker, device: str, samples, responses, t
         worker.evaluation_scorer = RewardWorker(worker.cfg, device, segment=True)
     scorer = worker if worker.segmenter is not None else worker.evaluation_scorer
     with tempfile.TemporaryDirectory() as tmp:
-        result = evaluate_answers(samples, responses, tokens, scorer, model_size, overlay_dir=tmp, max_overlays=overlays)
+        result = evaluate_answers(samples, responses, tokens, scorer, model_size, overlay_dir=tmp,
+                                  max_overlays=overlays)
         result["overlays"] = {Path(path).name: Path(path).read_bytes() for path in result["overlays"]}
     return result

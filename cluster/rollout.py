@@ -6,18 +6,17 @@
     rollouts.sync_from(learners, version=v + 1)                   # after the learner's step
     rollouts.resize(3)                      # between rounds; new workers get the synced weights
 
-A round sends its groups in chunks, round-robin over the workers, and hands every chunk's groups to
-the reward pool as soon as they are generated (scoring overlaps generation; ``rollout.stream_rewards``
-false: nothing is scored before all chunks are in). ``pump()`` takes in finished chunks without
-blocking, which one-step off-policy calls while the learner trains. Chunk i is sampled with seed
-``seed + i``, so a redone or resumed chunk draws the same answers.
+A round schedules the rollout protocol (rollout/protocol.py): its chunks go round-robin over the
+workers, and every finished group goes to the reward pool as soon as its chunk is generated (scoring
+overlaps generation; ``rollout.stream_rewards`` false: nothing is scored before all chunks are in).
+``pump()`` takes in finished chunks without blocking, which one-step off-policy calls while the
+learner trains.
 
 Failures: a rollout actor that dies is restarted by Ray (max_restarts=-1). A round waits for it,
 resyncs it and redoes its chunk; answers made with weights older than the round's version (a worker
 that restarted between rounds comes back with the initial weights) are redone the same way. Resync
-uses the buckets of the last sync kept in Ray's object store (cluster/weight_sync.py), never the
-learner, so it cannot wait behind a running learner step, and it gives exactly the version the round
-was started with.
+uses what the last sync kept (cluster/weight_sync.py), never the busy learner, so it gives exactly the
+version the round was started with.
 """
 from __future__ import annotations
 
@@ -28,12 +27,12 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.placement import PLACEMENT, free_placement, rollout_placement
-from cluster.broadcast import WeightBroadcast
-from cluster.weight_sync import check_parity, push_weights, sync_timeout, wait_until_alive
+from cluster.weight_sync import check_parity, make_weight_sync, wait_until_alive
 from config import Config
 from data.dataset import Sample
 from reward.worker import reward_group
-from rollout.group import Answer, Group
+from rollout import protocol
+from trajectory import Group
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,8 @@ class RolloutGroup:
         self.cfg, self.policy_path, self.reward_pool, self.parity_probe = cfg, policy_path, reward_pool, parity_probe
         self.workers: list = []
         self.versions = {0}  # every weight version pushed; 0 = the weights each engine starts from
-        self.synced: tuple[int, list | None, list | None] | None = None  # (version, bucket refs, parity reference)
-        self.broadcast = WeightBroadcast(cfg) if cfg.rollout.weight_sync == "collective" else None
+        self.sync = make_weight_sync(cfg)
+        self.parity_reference: list[float] | None = None  # the learner's probe logprobs of the last sync
         self.learners = None  # of the last sync_from: resync's source when no buckets are kept
         self._add(count)
 
@@ -85,7 +84,7 @@ class RolloutGroup:
 
     def shutdown(self) -> None:
         self.resize(0)
-        self.synced = None
+        self.sync.kept = None
 
     def weight_versions(self) -> list:
         """Each worker's weight version (None for one that is restarting), for cluster.status."""
@@ -99,85 +98,52 @@ class RolloutGroup:
         return out
 
     # -- weights ----------------------------------------------------------------------------------
-    def sync_from(self, learners, version: int) -> dict:
-        """The learner's current weights, as ``version``, to every worker (rollout.weight_sync: rpc, through
-        the object store; collective, through the broadcast group, cluster/broadcast.py). A worker that
-        dies meanwhile is waited for and sent the weights again. What a restarted or added worker needs
-        is kept for ``resync``: RPC's buckets, or, collective and one-step off-policy, the same buckets
-        put in the object store by the learner as it sends them."""
+    def sync_from(self, learners, version: int, pump=None) -> dict:
+        """The learner's current weights, as ``version``, to every worker (rollout.weight_sync: rpc or
+        collective, cluster/weight_sync.py), once every worker is free (``pump``: called meanwhile, the
+        pending off-policy round's). With the parity probe on, every worker is then checked against the
+        learner's raw logprobs of the probe."""
         c = self.cfg.cluster
         self.learners = learners
         reference = None
         if self.parity_probe is not None:
-            reference = learners.logprobs([self.parity_probe], 1.0)[0]
-        t0 = time.perf_counter()
+            reference = learners.logprobs([self.parity_probe["sequence"]], sampled=False)[0]
         self.versions.add(version)
-        if self.broadcast is None:
-            deadline = time.monotonic() + c.sync_timeout_s
-            too_slow = sync_timeout(version, c.sync_timeout_s)
-            self.synced = (version, learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow), reference)
-            n_bytes, restarts = self._push(self.workers, deadline, too_slow)
-            extra = {}
-        else:
-            result = self.broadcast.sync(learners, self.workers, version, keep=self.cfg.rollout.off_policy)
-            self.synced = (version, result.bucket_refs, reference)
-            n_bytes, restarts = result.n_bytes, result.restarted
-            extra = {"sync/group_rebuilds": result.rebuilds}
-        dt = time.perf_counter() - t0
-        metrics = {"time/sync": dt, "sync/bytes": n_bytes, "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9,
-                   "sync/worker_restarts": restarts, **extra}
+        t0 = time.perf_counter()
+        result = self.sync.push(learners, self.workers, version, pump)
+        self.parity_reference = reference
+        dt = time.perf_counter() - t0 - result.wait_s
+        metrics = {"time/sync": dt, "time/sync_wait": result.wait_s, "sync/bytes": result.n_bytes,
+                   "sync/gbps": result.n_bytes / max(dt, 1e-9) / 1e9, "sync/worker_restarts": result.restarted}
+        if result.rebuilds is not None:
+            metrics["sync/group_rebuilds"] = result.rebuilds
         if reference is not None:
             metrics["sync/parity_max_diff"] = check_parity(self.workers, self.parity_probe, reference,
                                                            c.sync_parity_tolerance, c.call_timeout_s)
         return metrics
 
     def resync(self, worker) -> None:
-        """The last synced weights to one (restarted or new) worker over RPC, from the kept buckets, or
-        (collective, synchronous: the learner is idle and holds exactly that version) from the learner;
-        it joins the broadcast group at the next sync. Nothing to do before the first sync (a fresh
-        engine holds version 0)."""
-        if self.synced is None:
-            return
-        version, refs, reference = self.synced
-        c = self.cfg.cluster
-        deadline, too_slow = time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s)
-        if refs is None:
-            refs = self.learners.weight_bucket_refs(c.sync_bucket_mb << 20, deadline, too_slow)
-        self._push([worker], deadline, too_slow, refs)
-        if reference is not None:
-            check_parity([worker], self.parity_probe, reference, c.sync_parity_tolerance, c.call_timeout_s)
-
-    def _push(self, workers: list, deadline: float, too_slow: Exception, refs: list | None = None) -> tuple[int, int]:
-        """push_weights of the kept buckets (or ``refs``); workers found dead are waited for (Ray restarts
-        them with the initial weights) and pushed to again, once. Returns (bytes per worker, workers pushed
-        to again)."""
-        version, kept, _ = self.synced
-        refs = kept if refs is None else refs
-        n_bytes, dead = push_weights(workers, refs, version, deadline, too_slow)
-        if not dead:
-            return n_bytes, 0
-        log.warning("weight sync: %d rollout worker(s) died; waiting for their restart, then pushing again", len(dead))
-        for w in dead:
-            wait_until_alive(w, time.monotonic() + self.cfg.cluster.startup_timeout_s)
-        n_again, still_dead = push_weights(dead, refs, version, deadline, too_slow)
-        if still_dead:
-            raise RuntimeError(f"weight sync: {len(still_dead)} rollout worker(s) died again while being resynced")
-        return max(n_bytes, n_again), len(dead)
+        """The last synced weights to one (restarted or new) worker (cluster/weight_sync.py ``resync``),
+        parity-checked against the same reference; it joins the broadcast group at the next sync."""
+        self.sync.resync(worker, self.learners)
+        if self.parity_reference is not None:
+            c = self.cfg.cluster
+            check_parity([worker], self.parity_probe, self.parity_reference, c.sync_parity_tolerance, c.call_timeout_s)
 
     # -- generation -------------------------------------------------------------------------------
-    def round(self, groups: list[Group], seed: int | None, weight_version: int, metrics: dict | None = None) -> "RolloutRound":
+    def round(self, groups: list[Group], seed: int | None, weight_version: int,
+              metrics: dict | None = None) -> "RolloutRound":
         """G answers for every group, started now (see RolloutRound); ``metrics`` are returned with its timings."""
         r = self.cfg.rollout
-        chunk = max(1, r.prompts_per_step // (2 * len(self.workers)))
-        return RolloutRound(self, groups, chunk, seed, weight_version, self.cfg.cluster.call_timeout_s,
+        chunks = protocol.plan_chunks(groups, protocol.chunk_size(r.prompts_per_step, len(self.workers)), seed)
+        return RolloutRound(self, groups, chunks, weight_version, self.cfg.cluster.call_timeout_s,
                             stream=r.stream_rewards, metrics=metrics).start()
 
     def generate_greedy(self, samples: list[Sample]) -> list[tuple[str, int]]:
         """(text, token count) of each sample's greedy answer, the samples spread over the workers."""
-        size = self.cfg.model.image_size
-        n = len(self.workers)
+        size, n = self.cfg.model.image_size, len(self.workers)
         refs = [w.generate.remote([{"sample_id": str(i), "problem": s.problem, "image": s.model_image(size)}
-                                   for i, s in enumerate(samples) if i % n == k], 1, None, None, True)
+                                   for i, s in enumerate(samples) if i % n == k], 1, greedy=True)
                 for k, w in enumerate(self.workers)]
         by_index = {}
         for outs in ray.get(refs, timeout=self.cfg.cluster.call_timeout_s):
@@ -194,16 +160,15 @@ class RolloutRound:
     whose prompt could not be sampled keep ``answers == []`` and are not scored. It can be called again.
     """
 
-    def __init__(self, rollouts: RolloutGroup, groups: list[Group], chunk_size: int, seed: int | None,
+    def __init__(self, rollouts: RolloutGroup, groups: list[Group], chunks: list[protocol.Chunk],
                  weight_version: int, timeout_s: float, stream: bool = True, max_redos: int = 3,
                  metrics: dict | None = None):
-        self.rollouts, self.groups, self.seed, self.weight_version = rollouts, groups, seed, weight_version
+        self.rollouts, self.groups, self.chunks, self.weight_version = rollouts, groups, chunks, weight_version
         self.metrics = dict(metrics or {})
         self.timeout_s, self.stream, self.max_redos = timeout_s, stream, max_redos
         self.workers = list(rollouts.workers)
-        self.chunks = [groups[i:i + chunk_size] for i in range(0, len(groups), chunk_size)]
         self.by_uid = {g.uid: g for g in groups}
-        self.pending: dict = {}  # ObjectRef -> (chunk index, worker)
+        self.pending: dict = {}  # ObjectRef -> (chunk, worker)
         self.submitted: list[str] = []  # uids given to the reward pool, in order
         self.redos = 0
         self.t_start = self.t_generated = None
@@ -215,17 +180,15 @@ class RolloutRound:
         # the pools this round ran on (python -m cluster.scale changes them between rounds)
         self.metrics.update({"pool/rollout_workers": len(self.workers),
                              "pool/reward_workers": len(self.rollouts.reward_pool.workers)})
-        for i in range(len(self.chunks)):
-            self._dispatch(i, self.workers[i % len(self.workers)])
+        for chunk in self.chunks:
+            self._dispatch(chunk, self.workers[chunk.index % len(self.workers)])
         return self
 
-    def _dispatch(self, i: int, worker) -> None:
-        size = self.rollouts.cfg.model.image_size
-        prompts = [{"sample_id": g.uid, "problem": g.sample.problem, "image": g.sample.model_image(size)}
-                   for g in self.chunks[i]]
-        seed = None if self.seed is None else self.seed + i
-        n = self.rollouts.cfg.rollout.group_size
-        self.pending[worker.generate.remote(prompts, n, seed=seed)] = (i, worker)
+    def _dispatch(self, chunk: protocol.Chunk, worker) -> None:
+        cfg = self.rollouts.cfg
+        ref = worker.generate.remote(protocol.requests(chunk.groups, cfg.model.image_size), cfg.rollout.group_size,
+                                     seed=chunk.seed)
+        self.pending[ref] = (chunk, worker)
 
     def pump(self, timeout_s: float = 0.0) -> bool:
         """Takes in finished chunks (waiting up to timeout_s for the first); True when all are in."""
@@ -233,24 +196,21 @@ class RolloutRound:
             return True
         done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s)
         for ref in done:
-            i, worker = self.pending.pop(ref)
+            chunk, worker = self.pending.pop(ref)
             try:
                 outs = ray.get(ref)
             except RayTaskError:
                 raise
             except RayActorError as exc:
-                self._redo(i, worker, f"died during generation ({type(exc).__name__})")
+                self._redo(chunk, worker, f"died during generation ({type(exc).__name__})")
                 continue
-            stale = [o["weight_version"] for o in outs if o["weight_version"] < self.weight_version]
-            if stale:
-                self._redo(i, worker, f"answered with weights v{stale[0]} < v{self.weight_version} (restarted)")
+            old = protocol.stale(outs, self.weight_version)
+            if old:
+                self._redo(chunk, worker, f"answered with weights v{old[0]} < v{self.weight_version} (restarted)")
                 continue
             for out in outs:
                 group = self.by_uid[out["sample_id"]]
-                group.prompt = out["prompt"]
-                group.answers = [Answer(r["token_ids"], r["logprobs"], r["text"], r.get("finish_reason"),
-                                        out["weight_version"]) for r in out["responses"]]
-                if self.stream:
+                if protocol.take_answers(group, out) and self.stream:
                     self._submit(group)
         if not self.pending and self.t_generated is None:
             self.t_generated = time.perf_counter()
@@ -267,15 +227,15 @@ class RolloutRound:
             group.sample, [a.text for a in group.answers], cfg.reward.rules, cfg.model.image_size, key=group.uid))
         self.submitted.append(group.uid)
 
-    def _redo(self, i: int, worker, why: str) -> None:
+    def _redo(self, chunk: protocol.Chunk, worker, why: str) -> None:
         self.redos += 1
         if self.redos > self.max_redos:
             raise RuntimeError(f"rollout: gave up after {self.max_redos} worker failures in one round; last: {why}")
         log.warning("rollout actor %s; waiting for it, resyncing its weights, redoing its %d prompts",
-                    why, len(self.chunks[i]))
+                    why, len(chunk.groups))
         wait_until_alive(worker, self.deadline)
         self.rollouts.resync(worker)
-        self._dispatch(i, worker)
+        self._dispatch(chunk, worker)
 
     def abandon(self) -> None:
         """Drops the round, made with weights that became void (the learner group restarted from a

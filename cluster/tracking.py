@@ -30,6 +30,12 @@ def tracking_uri(cfg: Config) -> str:
 def use_experiment(cfg: Config, name: str) -> None:
     """Point MLflow at the config's store and experiment ``name`` (created on first use)."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; the user's value goes back, so that a process
+    # started from this one later (another job, a test's subprocess) chooses its own store
+    if USER_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = USER_TRACKING_URI
     if mlflow.get_experiment_by_name(name) is None:
         artifacts = Path(cfg.train.output_dir).resolve() / "mlartifacts"
         # Local stores keep artifacts next to the run outputs; remote servers choose their own.

@@ -30,9 +30,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data.masks import check_rle, bbox_from_mask, decode_rle, points_from_mask
-from data.segzero import (image_bytes_of, multi_object_solution, parse_multi_object_solution,
-                          reference_answer, released_row_to_schema, solution_string)
+from data.masks import bbox_from_mask, check_rle, decode_rle, points_from_mask
+from data.segzero import (
+    image_bytes_of,
+    multi_object_solution,
+    parse_multi_object_solution,
+    reference_answer,
+    released_row_to_schema,
+    solution_string,
+)
 
 log = logging.getLogger(__name__)
 

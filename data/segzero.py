@@ -70,7 +70,8 @@ def answer_json(bbox, points) -> str:
                        "points_2": [int(v) for v in points[1]]}, separators=(",", ":"))
 
 
-def reference_answer(problem: str, bbox, points, reasoning: str | None = None, objects: list[dict] | None = None) -> str:
+def reference_answer(problem: str, bbox, points, reasoning: str | None = None,
+                     objects: list[dict] | None = None) -> str:
     """A correct response for supervised warm start: ``<think>{reasoning}</think><answer>{json}</answer>``.
 
     The answer is Seg-Zero's object (``answer_json``), or with ``objects`` (model-space

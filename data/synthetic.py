@@ -15,7 +15,8 @@ shape that matches, one or more:
     all_colour    "all the red shapes"             all_shape "all the circles"
 
 Multi-object rows carry the targets as ``objects`` (JSON ``[{"bbox_2d", "point_2d"}]``, image pixels,
-point = the centre of the largest inscribed circle) and ``mask`` as a list of RLEs, one per target. Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
+point = the centre of the largest inscribed circle) and ``mask`` as a list of RLEs, one per target.
+Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
 bbox and points come from the mask (data/masks.py). The same seed gives the same bytes; row i depends
 only on (seed, i), so a larger n extends a smaller one and another seed gives a disjoint set.
 """
@@ -113,7 +114,8 @@ def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
         qs.get("all_colour", []).append({"kind": "all_colour", "colour": s["colour"]})
         qs.get("all_shape", []).append({"kind": "all_shape", "shape": s["shape"]})
         for d in DIRECTIONS:
-            qs.get("relation", []).append({"kind": "relation", "direction": d, "colour": s["colour"], "shape": s["shape"]})
+            qs.get("relation", []).append({"kind": "relation", "direction": d, "colour": s["colour"],
+                                           "shape": s["shape"]})
     for w in EXTREMES:
         qs.get("extreme", []).append({"kind": "extreme", "which": w})
     for w in ("largest", "smallest"):

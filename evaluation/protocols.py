@@ -32,12 +32,14 @@ import numpy as np
 
 from data.dataset import Sample
 from reward.rules import first_brace_block
+from reward.segmenters import image_key
 
 THINK_TEXT = re.compile(r"<think>([^<]+)</think>")
 ANSWER_TEXT = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
 
-def script_prompts(response: str, rules: str, width: int, height: int, model_size: int) -> tuple[np.ndarray, np.ndarray]:
+def script_prompts(response: str, rules: str, width: int, height: int,
+                   model_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Segmenter prompts (boxes [K,4], points [K,P,2], original pixels) as the paper's script reads the
     answer; raises (ValueError, KeyError, TypeError, ...) wherever the script fails."""
     fx, fy = width / model_size, height / model_size
@@ -83,7 +85,8 @@ class ScriptMetrics:
         try:
             pred = np.zeros_like(gt)
             if len(boxes):
-                segmenter.set_image(f"script:{sample.id}", np.asarray(sample.image.convert("RGB")))
+                image = np.asarray(sample.image.convert("RGB"))
+                segmenter.set_image(image_key(image), image)
                 pred = np.logical_or.reduce(segmenter.predict(boxes, points, best_of_three=True), axis=0)
         except Exception:
             if rules == "multi_object":

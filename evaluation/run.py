@@ -27,6 +27,7 @@ from evaluation.protocols import ScriptMetrics
 from reward import answer_prompts
 from reward.mask_iou import to_original
 from reward.rules import box_iou_inclusive
+from reward.segmenters import image_key
 from reward.worker import RewardWorker, reward_group
 
 PROTOCOLS = ("default", "segzero")
@@ -58,7 +59,8 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
             reward_sums[term] = reward_sums.get(term, 0.0) + value
         prompts = answer_prompts(rules, response)
         failures += prompts is None
-        gt = decode_rle(sample.mask_rle) if sample.mask_rle is not None else np.zeros((sample.height, sample.width), bool)
+        gt = (decode_rle(sample.mask_rle) if sample.mask_rle is not None
+              else np.zeros((sample.height, sample.width), bool))
         ignore = decode_rle(sample.ignore_rle) if sample.ignore_rle is not None else None
         ious = {name: m.add(pred, gt, ignore) for name, m in metrics.items()}
         if protocol == "segzero":
@@ -91,14 +93,16 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
     return result
 
 
-def predicted_mask(segmenter, rules: str, sample: Sample, response: str, model_size: int) -> tuple[np.ndarray | None, dict | None]:
+def predicted_mask(segmenter, rules: str, sample: Sample, response: str,
+                   model_size: int) -> tuple[np.ndarray | None, dict | None]:
     """The mask a response points at (union over its objects), in original image pixels, and its
     prompts mapped to the original image; (None, None) when the answer does not parse (infer.py)."""
     prompts = answer_prompts(rules, response)
     if prompts is None:
         return None, None
     boxes, points = to_original(prompts[0], prompts[1], model_size, sample.height, sample.width)
-    segmenter.set_image(sample.id, np.asarray(sample.image.convert("RGB")))
+    image = np.asarray(sample.image.convert("RGB"))
+    segmenter.set_image(image_key(image), image)
     masks = segmenter.predict(boxes, points)
     return np.logical_or.reduce(masks, axis=0), {"box": boxes[0].tolist(), "points": points[0].tolist()}
 

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from policy.sampling import SamplingRule, entropy_of
+from trajectory import LearnerSequence
+
 log = logging.getLogger(__name__)
 
 
@@ -36,18 +39,19 @@ def encode_prompt(processor, prompt: str, image) -> dict[str, Tensor]:
     return out
 
 
-def image_key(sample: dict) -> tuple[str, int]:
+def image_key(sample: LearnerSequence) -> tuple[str, int]:
     """What identifies a sample's prompt and image within one learner call: the G answers of a group
-    share one prompt string and one image object (rollout.group.learner_batch; Ray unpickles a shard's
+    share one prompt string and one image object (trajectory.learner_batch; Ray unpickles a shard's
     shared objects as shared objects), so they are encoded and seen by the vision tower once."""
-    return sample["prompt"], id(sample["image"])
+    return sample.prompt, id(sample.image)
 
 
-def collate(processor, samples: list[dict], pad_id: int, encoded: dict | None = None) -> dict:
-    """samples: dicts with "prompt", "image", "response_ids" -> padded model inputs + response targets.
+def collate(processor, samples: list[LearnerSequence], pad_id: int, encoded: dict | None = None) -> dict:
+    """samples -> padded model inputs + response targets.
 
     Returns model kwargs (input_ids, attention_mask, mm_token_type_ids, image_grid_thw, logits_to_keep),
-    "response_ids" [B, R] and "response_mask" [B, R] (1 on real response tokens), and the images once
+    "response_ids" [B, R] and "response_mask" [B, R] (1 on response tokens that carry loss: the
+    sequence's ``loss_mask``, all of them by default), and the images once
     each: "pixel_values" and "unique_grid_thw" of the distinct (prompt, image) pairs in first-seen
     order, "image_keys" their ``image_key``s and "image_index" [B] the pair of each row. The vision
     tower runs on the distinct images and its features are repeated per row (Learner._forward).
@@ -55,17 +59,19 @@ def collate(processor, samples: list[dict], pad_id: int, encoded: dict | None = 
     processor once per call (key -> ``encode_prompt``).
     An image/video placeholder token inside a response would make the model look for an image that
     is not there (a hard error), so it enters the model as padding and its position is masked out.
+    R is at least 1 (a masked pad column when every response is empty), so every micro-batch runs the
+    same forward passes: under ZeRO-3 each pass gathers weights, a collective all ranks must join.
     """
     encoded = {} if encoded is None else encoded
     keys = [image_key(s) for s in samples]
     for key, s in zip(keys, samples):
         if key not in encoded:
-            encoded[key] = encode_prompt(processor, s["prompt"], s["image"])
+            encoded[key] = encode_prompt(processor, s.prompt, s.image)
     unique = list(dict.fromkeys(keys))
     prompts = [encoded[k] for k in keys]
-    responses = [torch.as_tensor(list(s["response_ids"]), dtype=torch.long) for s in samples]
+    responses = [torch.as_tensor(list(s.response_ids), dtype=torch.long) for s in samples]
     P = max(p["input_ids"].numel() for p in prompts)
-    R = max(r.numel() for r in responses)
+    R = max(1, max(r.numel() for r in responses))
     B = len(samples)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, P + R, dtype=torch.long)
@@ -80,11 +86,14 @@ def collate(processor, samples: list[dict], pad_id: int, encoded: dict | None = 
         attention_mask[i, P - n:P + r.numel()] = 1
         bad = torch.isin(r, placeholders)
         if bad.any():
-            log.warning("response of sample %s holds %d image/video placeholder tokens: masked out",
-                        samples[i].get("sample_id", i), int(bad.sum()))
+            log.warning("response of group %s answer %d holds %d image/video placeholder tokens: masked out",
+                        samples[i].group, samples[i].answer, int(bad.sum()))
         input_ids[i, P:P + r.numel()] = r.masked_fill(bad, pad_id)
         response_ids[i, :r.numel()] = r
-        response_mask[i, :r.numel()] = (~bad).float()
+        keep = (~bad).float()
+        if samples[i].loss_mask is not None:
+            keep = keep * torch.as_tensor(list(samples[i].loss_mask), dtype=torch.float)
+        response_mask[i, :r.numel()] = keep
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_types,
         "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
@@ -160,8 +169,6 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device
     prompt = module(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P],
                     position_ids=positions[:, first, :P], image_grid_thw=grid[first], **images,
                     use_cache=True, logits_to_keep=1)
-    if P == ids.shape[1]:  # no response tokens in this micro-batch
-        return prompt.logits[rows]
     cache = prompt.past_key_values
     cache.batch_select_indices(rows)
     answers = module(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions[:, :, P:],
@@ -169,18 +176,16 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device
     return torch.cat([prompt.logits[rows], answers.logits], dim=1)
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+def token_logprobs(logits: Tensor, targets: Tensor, rule: SamplingRule | None = None,
                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """logits [B, R + 1, V] (the last R + 1 positions), targets [B, R] -> logp [B, R] (, entropy [B, R]).
 
-    z = logits[:, :-1] / temperature (fp32)
+    z = rule.apply(logits[:, :-1]) (fp32): the sampled distribution's processed logits z / T
+        (policy/sampling.py); rule None: the raw model, T = 1 (warm start, parity probe)
     logp_t = z[t, y_t] - logsumexp(z[t])
     H_t = logsumexp(z[t]) - sum_v softmax(z[t])_v * z[t, v]
     """
-    z = logits[:, :-1].float() / temperature
+    z = logits[:, :-1].float() if rule is None else rule.apply(logits[:, :-1])
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
-        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-    return logp, entropy
+    return logp, (entropy_of(z, lse) if with_entropy else None)

@@ -48,7 +48,8 @@ MULTI_OBJECT_WORD_TOKENS = ['[{"bbox_2d":[', '],"point_2d":[', ']},{"bbox_2d":['
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
@@ -288,9 +289,13 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     Idempotent: an existing complete directory built with the same settings is reused.
     """
     import torch
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     out = Path(out_dir)
     settings = dict(image_size=image_size, hidden_size=hidden_size, layers=layers, heads=heads,
@@ -311,42 +316,12 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         model_max_length=32768, clean_up_tokenization_spaces=False)
     ids = {t: backend.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = (backend.get_vocab_size() + 63) // 64 * 64
-    head_dim = hidden_size // heads
-    # mrope splits head_dim/2 rotary frequencies over (time, height, width); Qwen uses 1:1.5:1.5.
-    half = head_dim // 2
-    hw = (half * 3 // 8)
-    mrope_section = [half - 2 * hw, hw, hw]
-
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or hidden_size * 2,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-            max_position_embeddings=4096, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            depth=vision_layers, hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
-            num_heads=1, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_layers - 1],
-        ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    config = tiny_config(ids, (backend.get_vocab_size() + 63) // 64 * 64, hidden_size, layers, heads,
+                         vision_hidden_size, vision_layers, intermediate_size, kv_heads)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
     if number_code:
-        # "0".."9" are byte tokens already, "10".."1023" added ones: look every id up, not a range
-        number_ids = torch.tensor([backend.token_to_id(t) for t in NUMBER_TOKENS])
-        code = number_code_rows(len(NUMBER_TOKENS), image_size)
-        with torch.no_grad():
-            for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-                rows = table[number_ids] * 0.5
-                rows[:, :code.shape[1]] += code
-                table[number_ids] = rows
+        init_number_code(model, backend, image_size)
     if position_reader:
         init_position_reader(model)
         colour_ids = {c: [backend.token_to_id(w) for w in (c, " " + c)] for c in COLOURS}
@@ -366,3 +341,47 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(settings))
     return out
+
+
+def tiny_config(ids: dict, vocab_size: int, hidden_size: int, layers: int, heads: int, vision_hidden_size: int,
+                vision_layers: int, intermediate_size: int | None, kv_heads: int | None):
+    """The Qwen2.5-VL config of the tiny policy (``ids``: the special tokens' ids)."""
+    from transformers import Qwen2_5_VLConfig
+
+    # mrope splits head_dim/2 rotary frequencies over (time, height, width); Qwen uses 1:1.5:1.5.
+    half = hidden_size // heads // 2
+    hw = (half * 3 // 8)
+    mrope_section = [half - 2 * hw, hw, hw]
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or hidden_size * 2,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=vision_layers, hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
+            num_heads=1, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_layers - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def init_number_code(model, backend, image_size: int) -> None:
+    """The number tokens' input and output embeddings start from a Fourier code of their value
+    (``number_code_rows``) plus half their noise, so that nearby numbers start out similar."""
+    import torch
+
+    # "0".."9" are byte tokens already, "10".."1023" added ones: look every id up, not a range
+    number_ids = torch.tensor([backend.token_to_id(t) for t in NUMBER_TOKENS])
+    code = number_code_rows(len(NUMBER_TOKENS), image_size)
+    with torch.no_grad():
+        for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            rows = table[number_ids] * 0.5
+            rows[:, :code.shape[1]] += code
+            table[number_ids] = rows

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reward import multi_object, rules as segzero
+from reward import multi_object
+from reward import rules as segzero
 
 RULE_TERMS = {"segzero": segzero.TERMS, "segzero_soft": segzero.TERMS, "multi_object": multi_object.TERMS}
 

@@ -8,9 +8,15 @@ first `<answer>` and the next `</answer>`, whitespace stripped.
 | term          | range  | definition |
 |---------------|--------|------------|
 | think_format  | {0,1}  | same fullmatch as Seg-Zero (reward/rules.py) |
-| answer_format | [0,2]  | mean over the list's items of [bbox_2d is a list of 4] + [point_2d is a list of 2]; 0 for an empty list or non-list JSON. An item that is not an object ends the count (their code raises on such items, keeping the partial sum) |
-| accuracy      | [0,3]  | Hungarian matching (scipy linear_sum_assignment) of predicted to ground-truth objects on cost 3 - ([IoU > 0.5] + [box L1 < 10] + [point distance < 30 and point inside its own predicted box]); accuracy = sum of matched rewards / max(M, N). Lists are cut to 120 objects. |
-| non_repeat    | {0,1}  | split the whole response on ".", strip, drop empty pieces; 0 when a piece repeats an earlier one twice or more, else 1 |
+| answer_format | [0,2]  | mean over the list's items of [bbox_2d is a list of 4] + [point_2d is a list of 2]; 0 for |
+|               |        | an empty list or non-list JSON. An item that is not an object ends the count (their code |
+|               |        | raises on such items, keeping the partial sum) |
+| accuracy      | [0,3]  | Hungarian matching (scipy linear_sum_assignment) of predicted to ground-truth objects on |
+|               |        | cost 3 - ([IoU > 0.5] + [box L1 < 10] + [point distance < 30 and point inside its own |
+|               |        | predicted box]); accuracy = sum of matched rewards / max(M, N). Lists are cut to 120 |
+|               |        | objects. |
+| non_repeat    | {0,1}  | split the whole response on ".", strip, drop empty pieces; 0 when a piece repeats an |
+|               |        | earlier one twice or more, else 1 |
 
 The box IoU here is VisionReasoner's: inter = max(0, ix2 - ix1 + 1) * max(0, iy2 - iy1 + 1) (it differs
 from Seg-Zero's, which needs ix1 < ix2). VisionReasoner's format term only checks list lengths; its

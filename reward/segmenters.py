@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
 import logging
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,6 +21,15 @@ import cv2
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+
+def image_key(image: np.ndarray) -> str:
+    """A cache key of an image by its content (pixels and shape): two samples that share an image share
+    its encoding, and two different images never do, whatever their sample ids say."""
+    import hashlib
+
+    image = np.ascontiguousarray(image)
+    return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
 
 
 class Segmenter(ABC):

@@ -12,6 +12,9 @@ solution string of the rule set). Per group:
 4. mask_iou per cfg.mask_iou (reward/mask_iou.py); 0 for a response that does not parse; 0 for every
    response when the sample has no ground-truth mask (flagged in last_stats["has_mask"]);
 5. total = sum over terms of cfg.weights.get(term, 1.0) * value.
+
+The reward pool calls ``rewards``: the same scores as typed ``trajectory.Reward`` rows, each naming
+the hash of the response text it scored (the driver checks it against the answer it trains).
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import time
 import numpy as np
 from PIL import Image
 
-from reward import answer_prompts, rule_rewards
 from data.masks import decode_rle
+from reward import answer_prompts, rule_rewards
 from reward.mask_iou import mask_iou, mask_reward, to_original
 from reward.segmenters import make_segmenter
+from trajectory import Reward, text_hash
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,11 @@ class RewardWorker:
         for score in scores:
             score["total"] = weighted_total(score, self.cfg.weights)
         return (scores, masks) if with_masks else scores
+
+    def rewards(self, group: dict) -> list[Reward]:
+        """``score_group`` as one Reward per response, with the hash of the text scored."""
+        return [Reward(terms, text_hash(response if isinstance(response, str) else ""))
+                for terms, response in zip(self.score_group(group), group["responses"])]
 
     def _masks(self, group: dict, responses: list[str], wanted: bool) -> tuple[list, list[float | None]]:
         """Each response's predicted mask and its IoU with the ground truth (None where there is none:

@@ -26,13 +26,14 @@ from collections.abc import Iterable
 import torch
 
 from config import Config
+from engine_logs import filter_expected_engine_warnings
 from policy.prompt import chat_prompt
-from rollout.engine_logs import filter_expected_engine_warnings
+from policy.sampling import SamplingRule
+from weight_sync.buckets import to_bytes
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+EXTENSION = "weight_sync.vllm_receiver.WeightSyncExtension"
 
 
 class RolloutWorker:
@@ -61,10 +62,8 @@ class RolloutWorker:
         torch.set_num_threads = set_num_threads
         self.start_seconds = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
-        # Vision placeholders in an answer would be read as image slots by the learner's forward
-        # (a real Qwen never writes them; a random tiny policy can): never sample them.
-        vocab = self.tokenizer.get_vocab()
-        self.banned_logit_bias = {vocab[t]: -100.0 for t in VISION_TOKENS if t in vocab}
+        # The distribution sampled from, as the learner scores it (vision placeholders banned, min tokens).
+        self.rule = SamplingRule.of(self.tokenizer, policy_path, r.temperature, r.min_new_tokens)
         log.info("vLLM engine for %s ready in %.1f s (%s, %s, in_process=%s)", policy_path,
                  self.start_seconds, "GPU" if on_gpu else "CPU", dtype, r.engine_in_process)
 
@@ -76,10 +75,11 @@ class RolloutWorker:
         Returns one dict per prompt, in order: {"sample_id", "prompt" (chat text), "prompt_ids"
         (as vLLM tokenized it, image pads expanded), "responses": n x {"token_ids", "logprobs",
         "text", "finish_reason"}, "weight_version"}. A prompt longer than rollout.max_model_len
-        gets "responses": [] and "prompt_ids": [] (logged), not an exception for the batch. ``token_ids`` end with <|im_end|> when the
-        answer finished ("stop"). ``logprobs[t]`` = log softmax(logits_t / T)[token_t] with T =
-        rollout.temperature (vLLM raw_logprobs at T = 1, processed_logprobs otherwise), the quantity the
-        learner recomputes (top_p must stay 1 for the two to agree).
+        gets "responses": [] and "prompt_ids": [] (logged), not an exception for the batch.
+        ``token_ids`` end with <|im_end|> when the answer finished ("stop"). ``logprobs[t]`` = log p(token_t)
+        under the distribution sampled from (vLLM's processed logprobs: logit bias, min tokens,
+        temperature; policy/sampling.py), the quantity the learner recomputes. Greedy answers
+        (evaluation) take the argmax with no minimum length.
 
         Randomness comes from the engine's generator: vLLM's CPU build crashes on per-request seeds
         ("CPU Generator does not use offset"), so none are set; ``seed`` reseeds the engine's workers
@@ -96,10 +96,12 @@ class RolloutWorker:
             self.llm.collective_rpc("reseed", args=(seed,))
         r = self.cfg.rollout
         max_tokens = max_new_tokens or r.max_new_tokens
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, min_tokens=min(r.min_new_tokens, max_tokens), logprobs=0,
-            temperature=0.0 if greedy else (r.temperature if temperature is None else temperature),
-            top_p=1.0 if greedy else r.top_p, logit_bias=self.banned_logit_bias)
+        rule = self.rule.vllm_kwargs(max_tokens)
+        if greedy:
+            rule.update(temperature=0.0, min_tokens=0)
+        elif temperature is not None:
+            rule["temperature"] = temperature
+        params = SamplingParams(n=n, max_tokens=max_tokens, logprobs=0, **rule)
         texts = [chat_prompt(p["problem"], self.cfg.reward.rules) for p in prompts]
         fits = self._fits_context(texts, params.max_tokens)
         requests = [{"prompt": text, "multi_modal_data": {"image": p["image"]}}
@@ -149,7 +151,8 @@ class RolloutWorker:
         """
         from vllm import SamplingParams
 
-        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"], self.cfg.reward.rules), add_special_tokens=False)
+        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"], self.cfg.reward.rules),
+                                           add_special_tokens=False)
         request = {"prompt_token_ids": prompt_ids + list(token_ids),
                    "multi_modal_data": {"image": prompt["image"]}}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -163,14 +166,13 @@ class RolloutWorker:
 
         The first bucket after a commit opens an update; generating before ``commit_weights``
         is not allowed. Within one update every decoder layer must get all of its tensors or
-        none (see vllm_extension.py); any split of the model into buckets is fine.
+        none (see weight_sync/vllm_receiver.py); any split of the model into buckets is fine.
         """
         if not self._update_open:
             self.llm.collective_rpc("begin_weight_load")
             self._update_open = True
         n_bytes = sum(t.numel() * t.element_size() for _, t in bucket)
-        self.llm.collective_rpc("load_weights", args=(bucket if self._tensors_by_reference
-                                                      else _to_safetensors_bytes(bucket),))
+        self.llm.collective_rpc("load_weights", args=(bucket if self._tensors_by_reference else to_bytes(bucket),))
         return n_bytes
 
     def commit_weights(self, version: int) -> int:
@@ -195,7 +197,7 @@ class RolloutWorker:
     def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
                           epoch: int) -> None:
         """rollout.weight_sync=collective: this engine's vLLM worker processes join the broadcast group
-        (rollout/broadcast.py) as ranks rank_offset .. rank_offset + tensor_parallel_size - 1. Blocks
+        (weight_sync/group.py) as ranks rank_offset .. rank_offset + tensor_parallel_size - 1. Blocks
         until every member joined: the driver calls every member at once."""
         self.llm.collective_rpc("join_weight_group", args=(address, port, rank_offset, world_size, timeout_s, epoch))
 
@@ -229,16 +231,17 @@ def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:
     r = cfg.rollout
     pixels = cfg.model.image_size ** 2
     args = dict(
-        model=policy_path, dtype=cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+        model=policy_path,
+        dtype=cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
         seed=seed, enforce_eager=r.enforce_eager, max_model_len=r.max_model_len,
         tensor_parallel_size=r.tensor_parallel_size, limit_mm_per_prompt={"image": 1, "video": 0},
         # min = max = image_size^2, as the learner's processor: images arrive pre-resized to
         # image_size x image_size and neither side may resize them again.
         mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
         worker_extension_cls=EXTENSION,
-        # logprobs of the distribution sampled from (after temperature), what the learner computes
-        # with logits / rollout.temperature; at temperature 1 the two modes agree
-        logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs",
+        # logprobs of the distribution sampled from (after the logit bias, min tokens and temperature),
+        # what the learner computes (policy/sampling.py); raw logprobs would ignore all three
+        logprobs_mode="processed_logprobs",
     )
     if on_gpu:
         args.update(gpu_memory_utilization=r.gpu_memory_utilization)
@@ -248,9 +251,3 @@ def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:
         # What VLLM_CPU_KVCACHE_SPACE sets, without the env var and with fractional GiB.
         args["kv_cache_memory_bytes"] = int(r.kv_cache_gib * 2**30)
     return args
-
-
-def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
-    from safetensors.torch import save
-
-    return save({name: t.detach().to("cpu").contiguous() for name, t in bucket})

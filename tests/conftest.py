@@ -11,6 +11,12 @@ from policy.prompt import chat_prompt
 from policy.tiny import build_tiny_policy
 
 IMAGE_SIZE = 112
+# A real launch.py job that warm-starts the tiny policy as the default does (200 steps, batch 16, lr 1e-3),
+# then one GRPO step: what the end-to-end tests start from, so that their answers parse and score.
+WARM_START = ["train.steps=1", "train.sft_steps=200", "train.sft_batch_size=16", "train.sft_lr=1e-3",
+              "learner.warmup_steps=20", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
+              "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=48",
+              "eval.enabled=false", "tracking.system_metrics=false", "tracking.log_model=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +63,28 @@ def memorised_policy(tmp_path_factory, synthetic_split):
         optimizer.zero_grad()
         if loss.item() < 0.01:
             break
+    # The tests that use it need the answer itself: a policy that did not converge answers something else.
+    assert loss.item() < 0.01, f"the memorised policy did not converge: loss {loss.item():.4f} after 150 steps"
     model.save_pretrained(path)
     return path, sample
 
+
+
+@pytest.fixture(scope="session")
+def warm_policy(tmp_path_factory):
+    """warm_policy(rules) -> the tiny policy warm-started on that rule set's answer format (Seg-Zero's
+    object for segzero and segzero_soft, VisionReasoner's list for multi_object), built on first use."""
+    import launch
+    from config import load_config
+
+    built = {}
+
+    def get(rules: str) -> str:
+        key = "segzero" if rules == "segzero_soft" else rules
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"warm_{key}")
+            launch.train(load_config(None, WARM_START + [f"reward.rules={key}", f"train.output_dir={out}"]))
+            built[key] = str(out / "warm_start_policy")
+        return built[key]
+
+    return get

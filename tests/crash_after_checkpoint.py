@@ -16,9 +16,9 @@ if __name__ == "__main__":
     stop_at = int(sys.argv[1])
     save = Job.save_checkpoint
 
-    def save_then_die(job):
-        path = save(job)
-        if job.step == stop_at:
+    def save_then_die(job, state):
+        path = save(job, state)
+        if state.step == stop_at:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         return path
 

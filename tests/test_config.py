@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from config import REPO, ConfigError, field_table, load_config
+from config import REPO, ConfigError, field_table, load_config, reference_page
 
 
 def test_default_and_cluster_configs_validate():
@@ -48,7 +48,8 @@ def test_collective_sync_needs_one_kind_of_device():
     with pytest.raises(ConfigError, match="rollout.weight_sync: collective needs"):
         load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1"])
     with pytest.raises(ConfigError, match="NCCL puts no two ranks of a group on one GPU"):
-        load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1", "cluster.rollout.num_gpus=0.5"])
+        load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1",
+                           "cluster.rollout.num_gpus=0.5"])
     assert load_config(None, ["rollout.weight_sync=collective", "cluster.learner.num_gpus=1",
                               "cluster.rollout.num_gpus=1"]).rollout.weight_sync == "collective"
 
@@ -56,8 +57,10 @@ def test_collective_sync_needs_one_kind_of_device():
 def test_synthetic_data_follows_the_rule_set():
     single, multi = load_config(), load_config(None, ["reward.rules=multi_object"])
     assert single.data.synthetic_kinds == ["colour_shape", "colour"] and single.data.synthetic_shapes == (1, 2)
-    assert multi.data.synthetic_kinds == ["colour_shape", "colour", "all_colour"] and multi.data.synthetic_shapes == (1, 3)
-    chosen = load_config(None, ["reward.rules=multi_object", "data.synthetic_kinds=[all_shape]", "data.synthetic_shapes=[2,4]"])
+    assert (multi.data.synthetic_kinds == ["colour_shape", "colour", "all_colour"]
+            and multi.data.synthetic_shapes == (1, 3))
+    chosen = load_config(None, ["reward.rules=multi_object", "data.synthetic_kinds=[all_shape]",
+                                "data.synthetic_shapes=[2,4]"])
     assert chosen.data.synthetic_kinds == ["all_shape"] and chosen.data.synthetic_shapes == (2, 4)
 
 
@@ -72,3 +75,8 @@ def test_every_field_is_documented():
     rows = field_table()
     assert len(rows) > 40
     assert [name for name, _, desc in rows if not desc] == []
+
+
+def test_the_config_reference_page_is_current():
+    # docs/config.md is generated: a field added, renamed or re-described without regenerating it fails here
+    assert (REPO / "docs" / "config.md").read_text() == reference_page(), "run: python config.py > docs/config.md"

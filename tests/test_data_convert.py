@@ -123,7 +123,8 @@ def test_reasonseg_lisa_layout(tmp_path):
 
 
 def write_refcocog(tmp_path):
-    root, images = tmp_path / "refer_seg" / "refcocog", tmp_path / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    root, images = (tmp_path / "refer_seg" / "refcocog",
+                    tmp_path / "refer_seg" / "images" / "mscoco" / "images" / "train2014")
     root.mkdir(parents=True)
     images.mkdir(parents=True)
     (images / "COCO_train2014_000000000001.jpg").write_bytes(encoded(14, 12, "JPEG"))

@@ -74,6 +74,20 @@ def test_resume_gives_the_same_next_samples(synthetic_file):
         ParquetSource(synthetic_file, seed=2, chunk_rows=8, window=2).load_state_dict(state)
 
 
+def test_resume_exactly_at_an_epoch_boundary(synthetic_file):
+    # A checkpoint taken right after the last row of an epoch (position == num_rows): the resumed stream
+    # starts the next epoch's order, nothing skipped or repeated (peers lose a batch here, verl #7401).
+    a = ParquetSource(synthetic_file, seed=3, chunk_rows=8, window=2)
+    first = ids(a.next_batch(40))
+    state = json.loads(json.dumps(a.state_dict()))
+    assert (state["epoch"], state["position"]) == (0, 40)
+    expected = ids(a.next_batch(40))
+    b = ParquetSource(synthetic_file, seed=3, chunk_rows=8, window=2)
+    b.load_state_dict(state)
+    resumed = ids(b.next_batch(40))
+    assert resumed == expected and sorted(resumed) == sorted(first) and resumed != first
+
+
 def test_memory_is_bounded_by_the_window(tmp_path):
     # one big row group of 60 rows read in slices of 8: at most window * 8 rows are held
     path = write_rows(tmp_path / "big.parquet", (synthetic_row(i, 56) for i in range(60)),

@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from data.masks import (bbox_from_mask, check_rle, coco_segmentation_mask, decode_rle, encode_rle,
-                        points_from_mask, polygon_mask, rle_counts)
+from data.masks import (
+    bbox_from_mask,
+    check_rle,
+    coco_segmentation_mask,
+    decode_rle,
+    encode_rle,
+    points_from_mask,
+    polygon_mask,
+    rle_counts,
+)
 
 
 def rectangle():

@@ -1,10 +1,10 @@
-import pytest
 import io
 import json
 import re
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from data.masks import bbox_from_mask, decode_rle
@@ -68,8 +68,10 @@ def test_matching_shapes_hand_made_scene():
     assert matching_shapes({"kind": "colour", "colour": "red"}, scene) == [0, 1]            # ambiguous
     assert matching_shapes({"kind": "colour", "colour": "blue"}, scene) == [2]
     assert matching_shapes({"kind": "shape", "shape": "circle"}, scene) == [0, 2]
-    assert matching_shapes({"kind": "relation", "direction": "left of", "colour": "red", "shape": "square"}, scene) == [0, 2]
-    assert matching_shapes({"kind": "relation", "direction": "right of", "colour": "blue", "shape": "circle"}, scene) == [1]
+    assert matching_shapes({"kind": "relation", "direction": "left of", "colour": "red", "shape": "square"},
+                           scene) == [0, 2]
+    assert matching_shapes({"kind": "relation", "direction": "right of", "colour": "blue", "shape": "circle"},
+                           scene) == [1]
     assert matching_shapes({"kind": "relation", "direction": "below", "colour": "red", "shape": "circle"}, scene) == [2]
     assert matching_shapes({"kind": "extreme", "which": "topmost"}, scene) == [0, 1]
     assert matching_shapes({"kind": "extreme", "which": "bottommost"}, scene) == [2]
@@ -106,7 +108,8 @@ def test_multi_object_rows_name_every_target(tmp_path):
         for rle, obj in zip(s.mask_rle, s.objects):
             mask = decode_rle(rle)
             ys, xs = mask.nonzero()
-            assert obj["bbox_2d"] == [xs.min(), ys.min(), xs.max(), ys.max()] and mask[obj["point_2d"][1], obj["point_2d"][0]]
+            assert (obj["bbox_2d"] == [xs.min(), ys.min(), xs.max(), ys.max()]
+                    and mask[obj["point_2d"][1], obj["point_2d"][0]])
             assert (union | mask).sum() == union.sum()
         solution = s.solution(112, "multi_object")
         assert len(json.loads(solution)) == len(s.objects)

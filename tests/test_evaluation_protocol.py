@@ -17,6 +17,7 @@ class Recorder:
 
     def set_image(self, image_id, image):
         self.shape = image.shape[:2]
+        self.image_ids = getattr(self, "image_ids", []) + [image_id]
 
     def predict(self, boxes, points, best_of_three=False):
         self.calls.append((np.asarray(boxes).tolist(), np.asarray(points).tolist(), best_of_three))
@@ -31,7 +32,8 @@ def sample(width=200, height=100):
                   bbox=[0, 0, 1, 1], points=[[0, 0], [1, 1]], height=height, width=width, source="test")
 
 
-SEG = '<think>it is there</think><answer>{"bbox": [10, 20, 30, 41], "points_1": ["12", 22], "points_2": [25, 35]}</answer>'
+SEG = ('<think>it is there</think><answer>{"bbox": [10, 20, 30, 41], "points_1": ["12", 22], '
+       '"points_2": [25, 35]}</answer>')
 
 
 def test_segzero_script_parsing_and_mapping():
@@ -50,12 +52,14 @@ def test_segzero_script_parsing_and_mapping():
 
 
 def test_visionreasoner_script_parsing_and_mapping():
-    answer = '<answer> [{"bbox_2d": [10, 20, 30, 41], "point_2d": [12, 22]}, {"bbox_2d": [1, 1, 2, 2], "point_2d": [1, 1]}] </answer>'
+    answer = ('<answer> [{"bbox_2d": [10, 20, 30, 41], "point_2d": [12, 22]}, '
+              '{"bbox_2d": [1, 1, 2, 2], "point_2d": [1, 1]}] </answer>')
     boxes, points = script_prompts(answer, "multi_object", 200, 100, 100)  # no think needed; int(v * f + 0.5)
     assert boxes.tolist() == [[20, 20, 60, 41], [2, 1, 4, 2]] and points.tolist() == [[[24, 22]], [[2, 1]]]
     assert script_prompts("<answer>[]</answer>", "multi_object", 200, 100, 100)[0].shape == (0, 4)
     with pytest.raises(Exception):
-        script_prompts('<answer>[{"bbox_2d": ["10", 20, 30, 41], "point_2d": [1, 1]}]</answer>', "multi_object", 200, 100, 100)
+        script_prompts('<answer>[{"bbox_2d": ["10", 20, 30, 41], "point_2d": [1, 1]}]</answer>', "multi_object",
+                       200, 100, 100)
 
 
 def test_counting_as_the_scripts_count():
@@ -83,5 +87,19 @@ def test_a_segmentation_error_counts_for_seg_zero_and_is_skipped_for_visionreaso
     gt = np.ones((100, 200), bool)
     metrics = ScriptMetrics()
     metrics.add(Broken(), sample(), SEG, "segzero", 100, gt)
-    metrics.add(Broken(), sample(), '<answer>[{"bbox_2d": [1, 1, 5, 5], "point_2d": [2, 2]}]</answer>', "multi_object", 100, gt)
+    metrics.add(Broken(), sample(), '<answer>[{"bbox_2d": [1, 1, 5, 5], "point_2d": [2, 2]}]</answer>',
+                "multi_object", 100, gt)
     assert metrics.result() == {"giou": 0.0, "ciou": 0.0, "scored": 1, "skipped": 1}
+
+
+def test_the_segmenter_state_is_keyed_by_the_image_not_the_sample_id():
+    """A converted file can repeat an id: its second image must not reuse the first one's encoding,
+    and a repeated image under another id may reuse it."""
+    seg, metrics, gt = Recorder(), ScriptMetrics(), np.zeros((100, 200), bool)
+    first, same_id = sample(), sample()
+    same_id.image = Image.new("RGB", (200, 100), (255, 0, 0))
+    other_id = sample()
+    other_id.id = "t"
+    for s in (first, same_id, other_id):
+        metrics.add(seg, s, SEG, "segzero", 100, gt)
+    assert seg.image_ids[0] != seg.image_ids[1] and seg.image_ids[0] == seg.image_ids[2]

@@ -218,7 +218,8 @@ def test_split_over_micro_batches_equals_whole_batch(agg):
         loss.backward()
         total += loss.item()
         for k, v in m.items():
-            metric_sums[k] = max(metric_sums.get(k, 0.0), v.item()) if k == "ratio_max" else metric_sums.get(k, 0.0) + v.item()
+            metric_sums[k] = (max(metric_sums.get(k, 0.0), v.item()) if k == "ratio_max"
+                              else metric_sums.get(k, 0.0) + v.item())
     assert total == pytest.approx(whole.item(), rel=1e-12)
     assert torch.allclose(split_logp.grad, whole_logp.grad, rtol=1e-12, atol=1e-15)
     for k, v in whole_m.items():

@@ -8,12 +8,14 @@ gradient by ~1e-6 of its scale (measured: 1.6e-6 between 1-rank ZeRO-3 and plain
 up as O(1) relative errors.
 """
 import os
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_learner import _free_port, hf_logprobs, learner_config, make_samples
+
+from trajectory import LearnerBatch
 
 pytestmark = pytest.mark.slow
 N_SAMPLES = 5
@@ -26,6 +28,7 @@ def _shard(samples, rank, world_size):
 
 def _rank_main(rank, world_size, port, policy_dir, out_dir):
     torch.set_num_threads(1)
+    import deepspeed.runtime.zero
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_full_grad
 
@@ -33,32 +36,31 @@ def _rank_main(rank, world_size, port, policy_dir, out_dir):
 
     samples = make_samples(N_SAMPLES, seed=11)
     shard = _shard(samples, rank, world_size)
-    num_tokens = sum(len(s["response_ids"]) for s in samples)
-    num_seqs = sum(1 for s in samples if s["response_ids"])
+    num_tokens, num_seqs = LearnerBatch(samples).totals()
     result = {}
 
     # ---- ZeRO-3: gradients of one GRPO step, captured just before the optimizer consumes them.
-    learner = ll.Learner(learner_config(3), policy_dir, rank, world_size, master_port=port)
+    zero3 = ll.Learner(learner_config(3), policy_dir, rank, world_size, master_port=port)
     grads = {}
-    real_step = learner.engine.step
+    real_step = zero3.engine.step
 
     def step_with_capture(*args, **kwargs):
-        for name, p in learner.model.named_parameters():  # collective under ZeRO-3: same order on all ranks
+        for name, p in zero3.model.named_parameters():  # collective under ZeRO-3: same order on all ranks
             grads[name] = safe_get_full_grad(p).clone()
         return real_step(*args, **kwargs)
 
-    learner.engine.step = step_with_capture
-    result["metrics3"] = learner.train_step(shard, num_tokens=num_tokens, num_seqs=num_seqs)
-    learner.engine.step = real_step
+    zero3.engine.step = step_with_capture
+    result["metrics3"] = zero3.train_step(LearnerBatch(shard, num_tokens, num_seqs))
+    zero3.engine.step = real_step
     result["grads"] = grads
 
     # ---- ZeRO-3 weight buckets: count the bytes gathered at once while they are produced.
     def gathered_bytes():
-        return sum(p.ds_numel * p.element_size() for p in learner.model.parameters()
+        return sum(p.ds_numel * p.element_size() for p in zero3.model.parameters()
                    if p.ds_status == ZeroParamStatus.AVAILABLE)
 
     peaks = []
-    real_gather = ll.GatheredParameters
+    real_gather = deepspeed.runtime.zero.GatheredParameters
 
     class RecordingGather:
         def __init__(self, params, **kwargs):
@@ -71,31 +73,31 @@ def _rank_main(rank, world_size, port, policy_dir, out_dir):
         def __exit__(self, *exc):
             return self.inner.__exit__(*exc)
 
-    ll.GatheredParameters = RecordingGather
+    deepspeed.runtime.zero.GatheredParameters = RecordingGather  # what weight_sync.sender gathers with
     before = gathered_bytes()
-    buckets = list(learner.weight_buckets(BUCKET_BYTES, trainable_only=False))
-    ll.GatheredParameters = real_gather
+    buckets = list(zero3.weight_buckets(BUCKET_BYTES, trainable_only=False))
+    deepspeed.runtime.zero.GatheredParameters = real_gather
     result.update(gathered_before=before, gathered_after=gathered_bytes(), gathered_peaks=peaks,
                   bucket_sizes=[len(b) for b in buckets],
-                  model_bytes=sum(p.ds_numel * p.element_size() for p in learner.model.parameters()),
-                  largest_param=max(p.ds_numel * p.element_size() for p in learner.model.parameters()))
+                  model_bytes=sum(p.ds_numel * p.element_size() for p in zero3.model.parameters()),
+                  largest_param=max(p.ds_numel * p.element_size() for p in zero3.model.parameters()))
     if rank == 0:
         result["weights"] = {k: v for b in buckets for k, v in b}
-    result["metadata"] = learner.weight_plan(BUCKET_BYTES, trainable_only=False)
+    result["metadata"] = zero3.weight_plan(BUCKET_BYTES, trainable_only=False)
 
     # ---- ZeRO-3 export and checkpoint round trip (both collective).
-    learner.export_hf(os.path.join(out_dir, f"hf{world_size}"))
-    result["logprobs"] = learner.logprobs(shard)
+    zero3.export_hf(os.path.join(out_dir, f"hf{world_size}"))
+    result["logprobs"] = zero3.logprobs(shard, sampled=False)
     ckpt = os.path.join(out_dir, f"ckpt{world_size}")
-    learner.save_checkpoint(ckpt, {"rank_seen": rank})
-    learner.train_step(shard)
-    result["client_state"] = learner.load_checkpoint(ckpt)
-    result["reloaded_logprobs"] = learner.logprobs(shard)
-    del learner
+    zero3.save_checkpoint(ckpt, {"rank_seen": rank})
+    zero3.train_step(LearnerBatch(shard))
+    result["client_state"] = zero3.load_checkpoint(ckpt)
+    result["reloaded_logprobs"] = zero3.logprobs(shard, sampled=False)
+    zero3 = None  # freed before the ZeRO-2 engine starts
 
     # ---- ZeRO-2 on the same ranks: whole-batch metrics must not depend on the split either.
     learner2 = ll.Learner(learner_config(2), policy_dir, rank, world_size, master_port=port)
-    result["metrics2"] = learner2.train_step(shard, num_tokens=num_tokens, num_seqs=num_seqs)
+    result["metrics2"] = learner2.train_step(LearnerBatch(shard, num_tokens, num_seqs))
     del learner2
     torch.save(result, os.path.join(out_dir, f"world{world_size}_rank{rank}.pt"))
 
@@ -115,8 +117,12 @@ def runs(tmp_path_factory):
         _rank_main(0, 1, _free_port(), policy_dir, str(out))
     finally:
         torch.set_num_threads(threads)
-    while not two_ranks.join():
-        pass
+    deadline = time.monotonic() + 1200  # a hung rank fails the test instead of hanging the suite
+    while not two_ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in two_ranks.processes:
+                process.kill()
+            raise TimeoutError("the two learner ranks did not finish within 1200 s")
     load = lambda name: torch.load(out / name, weights_only=False)  # noqa: E731
     return policy_dir, out, load("world1_rank0.pt"), load("world2_rank0.pt"), load("world2_rank1.pt")
 
@@ -140,6 +146,7 @@ def test_one_rank_zero3_gradient_equals_plain_pytorch(runs):
 
     from learner.batch import MODEL_KEYS, collate, token_logprobs
     from learner.grpo import policy_loss
+    from policy.sampling import SamplingRule
 
     policy_dir, _, one, _, _ = runs
     model = AutoModelForImageTextToText.from_pretrained(policy_dir)
@@ -149,8 +156,10 @@ def test_one_rank_zero3_gradient_equals_plain_pytorch(runs):
     # Plain transformers: every row's own image as pixel values through the model's own vision path.
     assert batch["image_index"] == list(range(len(samples)))  # the samples' images are all distinct
     logits = model(**{k: batch[k] for k in MODEL_KEYS}, pixel_values=batch["pixel_values"]).logits
-    logp, _ = token_logprobs(logits, batch["response_ids"])
-    loss, _ = policy_loss(logp, logp.detach(), torch.tensor([s["advantage"] for s in samples]),
+    # the distribution the learner trains: the sampled one (policy/sampling.py), here at T = 1
+    rule = SamplingRule.of(processor.tokenizer, policy_dir, temperature=1.0, min_new_tokens=0)
+    logp, _ = token_logprobs(logits, batch["response_ids"], rule)
+    loss, _ = policy_loss(logp, logp.detach(), torch.tensor([s.advantage for s in samples]),
                           batch["response_mask"], ref_logp=logp.detach(), kl_coef=0.05)
     loss.backward()
     assert loss.item() == pytest.approx(one["metrics3"]["loss"], rel=1e-5)
@@ -192,8 +201,8 @@ def test_zero3_export_and_checkpoint(runs):
     processor = AutoProcessor.from_pretrained(str(out / "hf2"))
     learner_logprobs = two["logprobs"] + two_b["logprobs"]  # rank 0 held samples[:4], rank 1 the last
     for s, got in zip(samples, learner_logprobs):
-        if s["response_ids"]:
+        if s.response_ids:
             assert torch.allclose(hf_logprobs(model, processor, s), torch.tensor(got), atol=1e-5)
     for r, rank in ((two, 0), (two_b, 1)):
-        assert r["client_state"]["rank_seen"] == 0 or rank == 1
+        assert r["client_state"]["rank_seen"] == rank  # each rank gets back the client state it saved
         assert r["reloaded_logprobs"] == r["logprobs"]  # a step after saving, then load: back exactly

@@ -13,6 +13,9 @@ warm start -> after 70 GRPO steps:
   8): gains +0.98 to +3.89. The test asks for >= HELD_OUT_REWARD_GAIN = 0.65. Greedy answers are
   deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the loss or the
   advantages makes the reward fall.
+The seed this test runs, 0 (the default run, with its intermediate evaluations, which do not change
+the training): held-out gIoU 0.389 +- 0.013 -> 0.691 +- 0.009 (+0.302), held-out reward 6.44 -> 8.86
+(+2.42), parse failures 0.1% -> 0%; both margins are passed by more than three times.
 The training reward (4 prompts a step) is not asserted to rise: its first-10 and last-10 step means
 differ by the prompts drawn as much as by the policy.
 """
@@ -47,7 +50,8 @@ def test_grpo_improves_held_out_reward_and_iou_over_the_warm_start(tmp_path):
     assert held_out[steps] - held_out[0] >= HELD_OUT_REWARD_GAIN, held_out
     giou = history("eval/giou_segzero")
     assert giou[steps] - giou[0] >= GIOU_GAIN, giou
-    standard_errors = history("eval/giou_segzero_se")
-    assert sorted(standard_errors) == [0, steps] and max(standard_errors.values()) <= 0.015, standard_errors
+    # ... and the gain is more than twice its standard error (the two evaluations' errors combined).
+    se = history("eval/giou_segzero_se")
+    assert sorted(se) == [0, steps] and giou[steps] - giou[0] > 2 * (se[0] ** 2 + se[steps] ** 2) ** 0.5, (giou, se)
     assert history("best/step") == {steps: float(max(giou, key=giou.get))}
     assert (out / "learning_curve.png").stat().st_size > 10_000

@@ -3,13 +3,15 @@ MLflow; tiny policy; a short warm start; 3 GRPO steps) over every advertised swi
 design: every pair of values of every two switches runs together in at least one job
 (``test_design_covers_every_pair``), in 12 jobs instead of the full product's ~7 million.
 
-Each job checks the step's invariants itself (rollout.group.check_batch: whose advantage, trained
+Each job checks the step's invariants itself (trajectory.check_batch: whose reward, whose advantage, trained
 once, which weight version; a violation fails the job), and each test asserts: every metric finite;
 each step either trained exactly G sequences per prompt, each once, or was skipped by dynamic sampling
 after its refills; the weight version counts the updates; reward terms that are not all zero after
-the warm start; on-policy, the learner's logprobs of the sampled tokens match vLLM's (``logprob_drift``);
+the warm start; the learner's logprobs of the tokens sampled with its current weights match vLLM's
+(``logprob_drift_current``; on-policy every token, also at T = 0.5 with a minimum answer length);
 off-policy, staleness at most one version; after every weight sync the parity probe passed on every
-rollout worker (``sync/parity_max_diff``, checked by the job itself). ``--resume`` rows crash right after the step-2 checkpoint
+rollout worker (``sync/parity_max_diff``, checked by the job itself).
+``--resume`` rows crash right after the step-2 checkpoint
 and resume from it. The jobs share one local Ray; each starts and stops its own actors.
 """
 import itertools
@@ -19,7 +21,7 @@ import mlflow
 import pytest
 
 from config import load_config
-from learner.learner import lr_factor
+from learner.engine import learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -50,38 +52,34 @@ LEVELS = {
     "learner.shared_prompt": ["true", "false"],
     "cluster.learner_update_threads": ["2", "0"],
     "cluster.reward_autoscale.enabled": ["false", "true"],
+    "rollout.min_new_tokens": ["0", "40"],
 }
 # One row per job: the level index of each switch above, in order (a pairwise covering array).
 DESIGN = [
-    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
-    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
-    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1],
-    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0],
-    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
-    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1],
-    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0],
-    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1],
-    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0],
-    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1],
-    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
-# launch.py job, the default's 200-step warm start: with the tiny policy's grounding circuit 80 steps
-# no longer teach the format), and runs 2 warm-start steps of its own (export, KL reference, sync).
-COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8", "train.sft_lr=1e-5", "learner.warmup_steps=5",
+# launch.py job, the default's 200-step warm start, tests/conftest.py), and runs 2 warm-start steps of
+# its own (export, KL reference, sync).
+COMMON = [f"train.steps={STEPS}", "train.sft_steps=2", "train.sft_batch_size=8", "train.sft_lr=1e-5",
+          "learner.warmup_steps=5",
           "learner.lr=1e-4", "data.synthetic_train_size=128", "data.synthetic_eval_size=4", "eval.num_samples=4",
           f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
           "rollout.max_refills=2", "tracking.system_metrics=false", "tracking.log_model=false",
           "cluster.sync_parity_check=true",
           # with the autoscaler on: a decision after every step, between 1 and 2 reward workers
           "cluster.reward_autoscale.cooldown_steps=1", "cluster.reward_autoscale.max_workers=2"]
-WARM_START = ["train.steps=1", "train.sft_steps=200", "train.sft_batch_size=16", "train.sft_lr=1e-3",
-              "learner.warmup_steps=20", "data.synthetic_train_size=128", "data.synthetic_eval_size=4",
-              f"rollout.prompts_per_step={B}", f"rollout.group_size={G}", "rollout.max_new_tokens=48",
-              "eval.enabled=false", "tracking.system_metrics=false", "tracking.log_model=false"]
-
-
 def job_settings(row: list[int]) -> dict:
     return {name: LEVELS[name][level] for name, level in zip(LEVELS, row)}
 
@@ -108,18 +106,9 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def warm_policies(local_ray, tmp_path_factory):
-    """The tiny policy warm-started on each answer format: Seg-Zero's object (segzero, segzero_soft)
-    and VisionReasoner's list (multi_object)."""
-    import launch
-
-    policies = {}
-    for name, rules in (("single", "segzero"), ("multi", "multi_object")):
-        out = tmp_path_factory.mktemp(f"warm_{name}")
-        launch.train(load_config(None, WARM_START + [f"reward.rules={rules}", f"train.output_dir={out}"]))
-        policies[rules] = str(out / "warm_start_policy")
-    policies["segzero_soft"] = policies["segzero"]
-    return policies
+def warm_policies(local_ray, warm_policy):
+    """The tiny policy warm-started on each answer format (tests/conftest.py)."""
+    return {rules: warm_policy(rules) for rules in LEVELS["reward.rules"]}
 
 
 class Crash(Exception):
@@ -139,9 +128,9 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
     if resume:  # a crash right after the step-2 checkpoint is complete, then --resume
         save = Job.save_checkpoint
 
-        def save_then_crash(job):
-            path = save(job)
-            if job.step == 2:
+        def save_then_crash(job, state):
+            path = save(job, state)
+            if state.step == 2:
                 raise Crash(path)
             return path
 
@@ -178,18 +167,28 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
         assert every["batch/sequences"][step] == every["trained_seqs"][step] == G * prompts
     if not dynamic:
         assert trained == [1, 2, 3]
-    assert [every["weight_version"][s] for s in trained] == [cfg.train.sft_steps + i for i in range(1, len(trained) + 1)]
+    assert ([every["weight_version"][s] for s in trained]
+            == [cfg.train.sft_steps + i for i in range(1, len(trained) + 1)])
     # After the warm start the greedy answers already earn format points (and a mask, where it is scored).
     assert every["eval/reward_think_format"][0] > 0 and every["eval/reward_answer_format"][0] > 0
     assert any(every["reward/answer_format"].get(s, 0) > 0 for s in trained) or not trained
-    if settings["rollout.off_policy"] == "false":  # the learner scores what vLLM sampled, same weights
-        assert all(every["logprob_drift"][s] < 1e-3 for s in trained), every["logprob_drift"]
+    # vLLM and the learner score the sampled tokens under one distribution (policy/sampling.py: logit bias,
+    # min tokens, temperature): the tokens sampled with the learner's current weights agree, checked by the
+    # job itself (cluster.max_logprob_drift) and here. On-policy that is every token; one-step off-policy
+    # the first trained step's (the step after it trains answers of the version before).
+    current = [s for s in trained if every["tokens_current"][s] > 0]
+    assert (current and current[0] == trained[0]) or not trained
+    assert all(every["logprob_drift_current"][s] < 1e-3 for s in current), every["logprob_drift_current"]
+    if settings["rollout.off_policy"] == "false":
+        assert current == trained and all(every["logprob_drift"][s] < 1e-3 for s in trained), every["logprob_drift"]
         assert all(every["rollout/staleness"][s] == 0 for s in trained)
     else:
         assert all(every["rollout/staleness"][s] <= 1 for s in trained)
-    # The learning rate of the i-th update follows the schedule by optimizer step (resume included).
-    for i, step in enumerate(trained):
-        assert every["lr"][step] == pytest.approx(cfg.learner.lr * lr_factor(cfg.train.sft_steps + i, cfg), rel=1e-6)
+    if cfg.rollout.min_new_tokens:  # no answer ends before the minimum
+        assert all(every["response/length_mean"][s] >= cfg.rollout.min_new_tokens for s in trained)
+    # The learning rate of each update is the schedule's at its GRPO step (resume included).
+    for step in trained:
+        assert every["lr"][step] == pytest.approx(learning_rate(cfg.train.sft_steps + step - 1, cfg), rel=1e-6)
     # Every sync reached every rollout worker with the learner's weights (the job checks the probe itself).
     assert max(every["sync/parity_max_diff"].values()) <= cfg.cluster.sync_parity_tolerance
     if settings["rollout.weight_sync"] == "collective":  # one group, built at the first sync, reused by every step
@@ -200,11 +199,13 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
     assert every["pool/reward_workers"][1] == cfg.cluster.reward_workers
     if cfg.cluster.reward_autoscale.enabled:
         # Each decision sizes the pool of the next round started: the next step's, or off-policy the one
-        # after (the next round already runs while the step ends). A resumed job starts anew.
+        # after (the next round already runs while the step ends). A resumed job continues with the
+        # checkpoint's pool and autoscaler state.
         decided, lag = every["autoscale/reward_workers"], 2 if settings["rollout.off_policy"] == "true" else 1
         assert sorted(decided) == trained and set(decided.values()) <= {1, 2}
         for step in trained:
-            if step + lag <= STEPS and not (resume and step <= 2):
-                assert every["pool/reward_workers"][step + lag] == decided[step], (every["pool/reward_workers"], decided)
+            if step + lag <= STEPS:
+                assert every["pool/reward_workers"][step + lag] == decided[step], (
+                    every["pool/reward_workers"], decided)
     else:
         assert "autoscale/reward_workers" not in every

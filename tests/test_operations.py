@@ -25,6 +25,7 @@ import mlflow
 import pytest
 import ray
 
+from cluster.autoscale import RewardAutoscaler
 from config import REPO, load_config
 
 pytestmark = pytest.mark.slow
@@ -62,11 +63,13 @@ def status(address: str, job: str) -> dict:
 @pytest.mark.parametrize("weight_sync", ["rpc", "collective"])
 def test_failures_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
     import launch
-    from cluster.job import Job, connect
+    from cluster.job import connect
+    from cluster.operations import Operations
 
     multi_node = weight_sync == "rpc"
     overrides = [f"rollout.weight_sync={weight_sync}", "cluster.sync_parity_check=true",
-        "cluster.reward_workers=1", f"train.output_dir={tmp_path}", f"train.steps={STEPS}", f"rollout.prompts_per_step={B}",
+        "cluster.reward_workers=1", f"train.output_dir={tmp_path}", f"train.steps={STEPS}",
+        f"rollout.prompts_per_step={B}",
         f"rollout.group_size={G}", "rollout.max_new_tokens=16", "rollout.off_policy=true", "train.sft_steps=0",
         "data.synthetic_train_size=32", "data.synthetic_eval_size=2", "eval.enabled=false",
         "tracking.log_model=false", "tracking.system_metrics=false", "cluster.job_name=ops-test"]
@@ -82,7 +85,7 @@ def test_failures_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
         overrides += [f"cluster.address={cluster.address}", "cluster.learner.resources={head_node: 1}",
                       "cluster.rollout.resources={worker_node: 1}", "cluster.reward.resources={worker_node: 1}"]
     cfg = load_config(None, overrides)
-    publish, seen, main_thread = Job.publish, {}, queue.Queue()
+    publish, seen, main_thread = Operations.publish, {}, queue.Queue()
 
     def in_main_thread(work):
         """Ray's test cluster adds nodes only from the main thread (signal handlers): the job's thread hands
@@ -97,14 +100,15 @@ def test_failures_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
         main_thread.put(run)
         done.wait()
 
-    def operate(job, step, timings):
+    def operate(job, step, timings, state):
         """Runs in the job's thread as it publishes a step: what an operator does, at fixed steps."""
-        publish(job, step, timings)
+        publish(job, step, timings, state)
         if step == 1:  # queued now, applied once the job reaches the named step
             ray.get(job.controller.request.remote(2, 2, at_step=3))
             ray.get(job.controller.request.remote(1, 1, at_step=6))
             if multi_node:
-                in_main_thread(lambda: {"second_node": cluster.add_node(num_cpus=4, resources={"worker_node": 4}).node_id})
+                in_main_thread(lambda: {
+                    "second_node": cluster.add_node(num_cpus=4, resources={"worker_node": 4}).node_id})
         if step == 2:  # step 3's round is already generating (off-policy): fail into it
             if multi_node:
                 in_main_thread(lambda: {"lost": lose_node(cluster, first_node, job.places)})
@@ -113,7 +117,7 @@ def test_failures_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
         if step == 4:  # after the failure and the scale-up: what an operator sees
             seen["status"] = status(ray.get_runtime_context().gcs_address, cfg.cluster.job_name)
 
-    monkeypatch.setattr(Job, "publish", operate)
+    monkeypatch.setattr(Operations, "publish", operate)
     # Ray's own processes die with the thread that started them: start it here, not in the job's thread.
     connect(cfg)
     errors = []
@@ -143,7 +147,8 @@ def test_failures_scaling_and_off_policy(tmp_path, monkeypatch, weight_sync):
     assert history("pool/rollout_workers") == [1, 1, 2, 2, 2, 1]
     # One-step off-policy: no batch was trained with weights more than one version old.
     staleness = history("rollout/staleness")
-    assert max(staleness) <= 1 and staleness[0] == 0 and staleness.count(1) >= STEPS - 2  # a redone chunk may be fresher
+    # a redone chunk may be fresher
+    assert max(staleness) <= 1 and staleness[0] == 0 and staleness.count(1) >= STEPS - 2
     assert history("weight_version") == list(range(1, STEPS + 1))
     assert max(history("sync/parity_max_diff")) <= cfg.cluster.sync_parity_tolerance
 
@@ -188,11 +193,14 @@ def test_reward_pool_sizes_itself_with_sam2(tmp_path, memorised_policy):
     thread). The policy answers every image with a box and points, so every group is segmented. The first
     8 training rows carry masks (SAM2 encodes each image: a long reward tail, groups queued on one worker),
     the next 16 none (nothing to segment: no tail). The pool grows to 2 workers, then comes back to 1;
-    each decision is an event and a metric. One row is corrupt: skipped and counted in MLflow."""
-    import launch
+    each decision is an event and a metric, and every decision is the autoscaler's rule applied to the
+    signals the job logged for its step (reward tail, step time, the pool's queued-group and idle-worker
+    counters): replayed here, not inferred from wall-time thresholds. One row is corrupt: skipped and
+    counted in MLflow."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    import launch
     from data.synthetic import write_synthetic
 
     policy, _ = memorised_policy
@@ -217,15 +225,22 @@ def test_reward_pool_sizes_itself_with_sam2(tmp_path, memorised_policy):
     (run,) = client.search_runs([client.get_experiment_by_name("seg-grpo").experiment_id])
     history = lambda name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name),  # noqa: E731
                                                     key=lambda m: m.step)]
-    sizes, changes = history("pool/reward_workers"), history("autoscale/change")
-    assert len(sizes) == steps and sizes[0] == 1 and max(sizes) == 2 and sizes[-1] == 1, sizes
+    sizes, changes, decided = (history("pool/reward_workers"), history("autoscale/change"),
+                               history("autoscale/reward_workers"))
+    assert len(sizes) == len(decided) == steps and sizes[0] == 1
+    # Each decision sizes the next step's pool, and is the rule applied to the step's own signals.
+    assert sizes[1:] == decided[:-1]
+    replay, workers = RewardAutoscaler(cfg.cluster.reward_autoscale), 1
+    for tail, step_s, queued, idle, logged in zip(history("time/reward_tail"), history("time/step"),
+                                                  history("pool/queued_groups"), history("pool/idle_workers"), decided):
+        workers = replay.decide(workers, tail, step_s, int(queued), int(idle)).workers
+        assert workers == logged
+    # It grew (groups with masks queued behind each other on one worker) and came back to one.
     assert changes.count(1) == 1 and changes.count(-1) == 1 and changes.index(1) < changes.index(-1), changes
-    # Up on the first step (masks: SAM2's encodes queue on one worker); down once the rows without masks
-    # have left no tail for cooldown_steps steps.
-    assert changes.index(1) == 0 and changes.index(-1) >= 8 // 2
-    assert history("autoscale/tail_fraction")[0] > 0.3 and max(history("autoscale/tail_fraction")[-3:]) < 0.1
+    assert max(sizes) == 2 and decided[-1] == 1
     assert history("cluster/reward_autoscale") == [1, 2]
     skipped = history("data/skipped_rows")
     assert skipped[0] == 0 and skipped[-1] == 1 and history("data/skipped_rows/bad_image")[-1] == 1
-    events = [json.loads(line) for line in open(client.download_artifacts(run.info.run_id, "events.jsonl", str(tmp_path)))]
+    events = [json.loads(line)
+              for line in open(client.download_artifacts(run.info.run_id, "events.jsonl", str(tmp_path)))]
     assert [(e["workers_from"], e["workers_to"]) for e in events if e["kind"] == "reward_autoscale"] == [(1, 2), (2, 1)]

@@ -8,6 +8,7 @@ import ray
 from cluster.autoscale import RewardAutoscaler
 from cluster.job import Job
 from cluster.learners import LearnerGroup, LearnerLost, get_all
+from cluster.state import TrainState
 from cluster.status import format_status
 from config import RewardAutoscaleConfig, load_config
 from tests.helpers import Gate
@@ -48,18 +49,14 @@ def test_autoscale_config_checks_name_the_field():
         load_config(None, ["cluster.reward_autoscale.down_tail_fraction=0.3"])
 
 
-def test_learner_restarts_are_bounded_and_need_a_checkpoint(tmp_path):
+def test_learner_restarts_are_bounded():
     lost = LearnerLost("learner rank 0 died: ActorDiedError")
-    job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=1"]), learner_restarts=0,
-                          checkpoint=None)
-    with pytest.raises(RuntimeError, match="before this run's first checkpoint"):
-        Job.recover_learners(job, lost)
-    with pytest.raises(RuntimeError, match=r"restarted 1 time\(s\) already \(cluster.max_learner_restarts\)"):
-        Job.recover_learners(job, lost)
-    job = SimpleNamespace(cfg=load_config(None, ["cluster.max_learner_restarts=0"]), learner_restarts=0,
-                          checkpoint=None)
-    with pytest.raises(RuntimeError, match="cluster.max_learner_restarts"):
-        Job.recover_learners(job, lost)
+    for limit, restarts in ((0, 0), (1, 1), (2, 2)):
+        job = SimpleNamespace(cfg=load_config(None, [f"cluster.max_learner_restarts={limit}"]), checkpoint=None,
+                              ops=SimpleNamespace(learner_restarts=restarts))
+        with pytest.raises(RuntimeError,
+                           match=rf"restarted {limit} time\(s\) already \(cluster.max_learner_restarts\)"):
+            Job.recover(job, lost, TrainState())
 
 
 def test_going_back_to_a_checkpoint_keeps_only_its_own_best_policy(tmp_path):
@@ -68,13 +65,12 @@ def test_going_back_to_a_checkpoint_keeps_only_its_own_best_policy(tmp_path):
     import json
 
     def restored(best, on_disk):
-        job = SimpleNamespace(best_dir=tmp_path / "best_policy", best=best)
+        job = SimpleNamespace(best_dir=tmp_path / "best_policy")
         job.best_dir.mkdir(exist_ok=True)
         (job.best_dir / "config.json").write_text("{}")
         if on_disk is not None:
             (job.best_dir / "best.json").write_text(json.dumps(on_disk))
-        Job._forget_best_of_later_steps(job)
-        return job.best, job.best_dir.exists()
+        return Job._forget_best_of_later_steps(job, best), job.best_dir.exists()
 
     own = {"step": 2, "giou": 0.5, "giou_se": float("nan"), "rows": 1}
     assert restored(own, own)[1] and restored(own, own)[0]["step"] == 2

@@ -145,6 +145,7 @@ def test_plan_numbers_match_the_tiny_policy(stage, tmp_path):
     from learner.learner import Learner
     from policy.tiny import build_tiny_policy
     from tests.test_learner import make_samples
+    from trajectory import LearnerBatch
 
     policy = str(build_tiny_policy(tmp_path / "policy"))
     cfg = load_config(None, [f"learner.zero_stage={stage}", "learner.kl_coef=0", "learner.freeze_vision=false",
@@ -154,7 +155,7 @@ def test_plan_numbers_match_the_tiny_policy(stage, tmp_path):
         s.bind(("", 0))
         port = s.getsockname()[1]
     learner = Learner(cfg, policy, master_port=port)
-    learner.train_step(make_samples(2, seed=1))  # the optimizer's states exist after a step
+    learner.train_step(LearnerBatch(make_samples(2, seed=1)))  # the optimizer's states exist after a step
 
     assert plan.other["params"] == sum(getattr(p, "ds_numel", p.numel()) for p in learner.model.parameters())
     sync = sum(t.numel() * t.element_size() for bucket in learner.weight_buckets(1 << 20) for _, t in bucket)

@@ -115,7 +115,8 @@ def test_tiny_policy_reads_positions_and_colours_and_attends_to_the_named_shape(
         target = int((y1 + y2) / 2 // 28) * 4 + int((x1 + x2) / 2 // 28)
         colour = row["problem"].split()[1]
         seen = feats[:, n + CHROMA:n + CHROMA + 2]
-        assert torch.nn.functional.cosine_similarity(seen[target], torch.tensor(chroma(COLOURS[colour]), dtype=torch.float32),
+        assert torch.nn.functional.cosine_similarity(seen[target],
+                                                     torch.tensor(chroma(COLOURS[colour]), dtype=torch.float32),
                                                      dim=0) > 0.99
         gather = attentions[0][0, 0, -1]  # layer 0, head 0, from the last prompt position
         assert gather[torch.tensor([int(t) in colour_words for t in ids])].sum() > 0.9

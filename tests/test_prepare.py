@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from config import load_config
-from data.prepare import prepare_data
 from data.dataset import ParquetSource
+from data.prepare import prepare_data
 from policy.prepare import prepare_policy
 
 

@@ -28,7 +28,8 @@ def test_mask_iou():
 
 @pytest.mark.parametrize("iou,continuous,threshold,tiered", [
     (0.0, 0.0, 0.0, 0.0), (0.4999, 0.4999, 0.0, 0.0), (0.5, 0.5, 0.0, 2.0), (0.5001, 0.5001, 1.0, 2.0),
-    (0.6999, 0.6999, 1.0, 2.0), (0.7, 0.7, 1.0, 3.0), (0.7999, 0.7999, 1.0, 3.0), (0.8, 0.8, 1.0, 4.0), (1.0, 1.0, 1.0, 4.0)])
+    (0.6999, 0.6999, 1.0, 2.0), (0.7, 0.7, 1.0, 3.0), (0.7999, 0.7999, 1.0, 3.0), (0.8, 0.8, 1.0, 4.0),
+    (1.0, 1.0, 1.0, 4.0)])
 def test_mask_reward_modes(iou, continuous, threshold, tiered):
     assert mask_reward(iou, "continuous") == continuous
     assert mask_reward(iou, "threshold", 0.5) == threshold  # strictly above the threshold

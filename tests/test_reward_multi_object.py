@@ -75,7 +75,8 @@ def test_non_repeat():
     assert non_repeat_reward(" . .. ") == 1.0
 
 
-@pytest.mark.parametrize("objs", [[{"bbox_2d": [1, 2, 3], "point_2d": [1, 2]}], [{"bbox_2d": [1, 2, 3, "4"], "point_2d": [1, 2]}],
+@pytest.mark.parametrize("objs", [[{"bbox_2d": [1, 2, 3], "point_2d": [1, 2]}],
+                                  [{"bbox_2d": [1, 2, 3, "4"], "point_2d": [1, 2]}],
                                   [{"bbox_2d": [1, 2, 3, 4]}]])
 def test_malformed_items_zero_accuracy(objs):
     assert accuracy_reward(wrap(objs + [A]), SOL) == 0.0
@@ -111,5 +112,6 @@ def test_answer_prompts_shapes():
     boxes, points = answer_prompts("multi_object", wrap([A, B]))
     assert boxes.shape == (2, 4) and points.shape == (2, 1, 2)
     np.testing.assert_array_equal(points[1, 0], [140, 130])
-    boxes, points = answer_prompts("segzero", '<answer>{"bbox": [1,2,3,4], "points_1": [1,2], "points_2": [2,3]}</answer>')
+    boxes, points = answer_prompts("segzero",
+                                   '<answer>{"bbox": [1,2,3,4], "points_1": [1,2], "points_2": [2,3]}</answer>')
     assert boxes.shape == (1, 4) and points.shape == (1, 2, 2)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow  # multi-process: a local Ray with reward actors
 from cluster.reward_pool import RewardPool  # noqa: E402
 from config import RewardConfig  # noqa: E402
 from reward.worker import RewardWorker  # noqa: E402
+from tests.helpers import Gate  # noqa: E402
 
 CFG = RewardConfig()  # GrabCut segmenter, continuous mask IoU
 G = 4
@@ -44,7 +45,8 @@ def group(i, size=(240, 320)):
     responses = ["<think>red</think><answer>" + json.dumps(
         {"bbox": [v + j for v in box], "points_1": pts[0], "points_2": pts[1]}) + "</answer>" for j in range(G - 1)]
     return {"sample_id": f"s{i}", "image": png.getvalue(), "height": h, "width": w, "model_size": 112,
-            "solution": f"<box>({box[0]},{box[1]}),({box[2]},{box[3]})</box><points>({pts[0][0]},{pts[0][1]}),({pts[1][0]},{pts[1][1]})</points>",
+            "solution": f"<box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"
+                        f"<points>({pts[0][0]},{pts[0][1]}),({pts[1][0]},{pts[1][1]})</points>",
             "mask": {"size": rle["size"], "counts": rle["counts"].decode()}, "responses": responses + ["no idea"]}
 
 
@@ -52,7 +54,7 @@ def group(i, size=(240, 320)):
 def groups():
     gs = {f"s{i}": group(i) for i in range(8)}
     local = RewardWorker(CFG)
-    return gs, {k: local.score_group(g) for k, g in gs.items()}
+    return gs, {k: local.rewards(g) for k, g in gs.items()}
 
 
 def test_streaming_submit_and_collect(groups):
@@ -71,15 +73,22 @@ def test_streaming_submit_and_collect(groups):
 
 
 def test_killed_actor_mid_step_every_group_scored_once(groups, caplog):
+    """The victim scores one group of the step, then is held (a call blocked on a gate, queued after that
+    group) with three more of the step's groups queued behind: killed then, they move to a new actor."""
     gs, expected = groups
     pool = RewardPool(CFG, num_workers=2, resources={"num_cpus": 1, "num_gpus": 0}, call_timeout_s=60)
-    for key, g in gs.items():
-        pool.submit(key, g)
-    victim = pool.workers[0]
+    ray.get([w.ready for w in pool.workers])  # both started: dispatch is least-loaded, in order
+    victim, keys = pool.workers[0], list(gs)
+    pool.submit(keys[0], gs[keys[0]])
+    gate = Gate.remote()
+    victim.actor.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate)
+    for key in keys[1:]:
+        pool.submit(key, gs[key])
     refs = list(victim.inflight)
+    assert len(refs) == 4
     ray.get(refs[0])  # the victim has scored a group of this step...
     _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0)
-    assert unfinished  # ...and is still working on others
+    assert len(unfinished) == 3  # ...and holds three more, which wait behind the gate
     ray.kill(victim.actor)
     with caplog.at_level("WARNING", logger="cluster.reward_pool"):
         result = pool.collect(list(gs))
@@ -155,7 +164,8 @@ def test_evaluation_runs_on_a_reward_actor_with_a_segmenter_even_without_the_mas
     try:
         result = pool.evaluate(samples, responses, [5, 5, 2], size, overlays=2, timeout_s=120)
         actor_pid = ray.get(pool.workers[0].actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
-        built = ray.get(pool.workers[0].actor.__ray_call__.remote(lambda self: self.evaluation_scorer.segmenter is not None))
+        built = ray.get(pool.workers[0].actor.__ray_call__.remote(
+            lambda self: self.evaluation_scorer.segmenter is not None))
     finally:
         pool.shutdown()
     here = evaluate_answers(samples, responses, [5, 5, 2], RewardWorker(cfg, segment=True), size, max_overlays=0)

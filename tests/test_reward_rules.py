@@ -19,7 +19,8 @@ def wrap(ans, think="the knife is left of the bread"):
 
 def test_perfect_answer_scores_every_term():
     assert segzero_rewards(wrap(answer()), SOL) == ALL
-    assert parse_answer(wrap(answer())) == {"bbox": [10.0, 100.0, 200.0, 210.0], "points": [[30.0, 110.0], [35.0, 180.0]]}
+    assert parse_answer(wrap(answer())) == {"bbox": [10.0, 100.0, 200.0, 210.0],
+                                            "points": [[30.0, 110.0], [35.0, 180.0]]}
 
 
 def test_think_format_is_a_fullmatch():
@@ -48,7 +49,8 @@ def test_iou_boundary_is_strict_and_areas_inclusive():
 
 
 def test_l1_boundary_is_strict():
-    shifted = lambda d: wrap(answer(bbox=(10 + d, 100 + d, 200 + d, 210 + d)))
+    def shifted(d):
+        return wrap(answer(bbox=(10 + d, 100 + d, 200 + d, 210 + d)))
     assert segzero_rewards(shifted(10), SOL)["bbox_l1"] == 0.0
     assert segzero_rewards(shifted(9.99), SOL)["bbox_l1"] == 1.0
     assert segzero_rewards(shifted(-9), SOL)["bbox_l1"] == 1.0

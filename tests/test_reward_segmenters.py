@@ -46,7 +46,8 @@ def test_grabcut_degenerate_prompts_fall_back_to_the_box():
 def test_lru_cache_bounded_and_ordered():
     image, _ = scene()
     seg = GrabCutSegmenter(cache_size=2)
-    assert [seg.set_image(k, image) for k in ["a", "b", "a", "c", "b", "a"]] == [False, False, True, False, False, False]
+    assert ([seg.set_image(k, image) for k in ["a", "b", "a", "c", "b", "a"]]
+            == [False, False, True, False, False, False])
     assert list(seg._cache) == ["b", "a"] and (seg.hits, seg.misses) == (1, 5)
     with pytest.raises(ValueError):
         seg.set_image("gray", image[..., 0])

@@ -42,7 +42,8 @@ def make_group(responses, mask=True, solution=None):
     rle = mask_utils.encode(np.asfortranarray(gt.astype(np.uint8)))
     (x1, y1), (x2, y2), p1, p2 = to_model(50, 30), to_model(89, 69), to_model(60, 45), to_model(78, 55)
     return {"sample_id": "s0", "image": png.getvalue(), "height": H, "width": W, "model_size": S,
-            "solution": solution or f"<box>({x1},{y1}),({x2},{y2})</box><points>({p1[0]},{p1[1]}),({p2[0]},{p2[1]})</points>",
+            "solution": solution or (f"<box>({x1},{y1}),({x2},{y2})</box>"
+                                     f"<points>({p1[0]},{p1[1]}),({p2[0]},{p2[1]})</points>"),
             "mask": {"size": rle["size"], "counts": rle["counts"].decode()} if mask else None,
             "responses": responses}
 

@@ -69,8 +69,9 @@ def prompt():
     return {"sample_id": "img0", "problem": "The red square.", "image": _image(0)}
 
 
-def hf_logprobs(model, processor, prompt: dict, tokens: list[int]) -> np.ndarray:
-    """log p(tokens[t] | prompt, tokens[:t]) from transformers, fp32."""
+def hf_logprobs(model, processor, prompt: dict, tokens: list[int], rule=None) -> np.ndarray:
+    """log p(tokens[t] | prompt, tokens[:t]) from transformers, fp32: of the raw model, or of the
+    distribution ``rule`` (policy/sampling.py) makes of its logits, as the learner scores them."""
     enc = processor(text=[chat_prompt(prompt["problem"])], images=[prompt["image"]], return_tensors="pt")
     response = torch.tensor([tokens])
     input_ids = torch.cat([enc["input_ids"], response], 1)
@@ -81,7 +82,8 @@ def hf_logprobs(model, processor, prompt: dict, tokens: list[int]) -> np.ndarray
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
                        **extra).logits[0].float()
-    logp = torch.log_softmax(logits[-len(tokens) - 1:-1], dim=-1)
+    z = logits[-len(tokens) - 1:-1]
+    logp = torch.log_softmax(z if rule is None else rule.apply(z[None])[0], dim=-1)
     return logp.gather(-1, response[0][:, None])[:, 0].numpy()
 
 
@@ -161,8 +163,38 @@ def test_logprob_parity_with_transformers_on_initial_weights(worker, hf, prompt)
     assert max_diff(worker.probe_logprobs(prompt, answer), hf_logprobs(model, processor, prompt, answer)) < LOGPROB_TOL
 
     sampled = worker.generate([prompt], n=1, max_new_tokens=24)[0]["responses"][0]
-    reference = hf_logprobs(model, processor, prompt, sampled["token_ids"])
+    reference = hf_logprobs(model, processor, prompt, sampled["token_ids"], worker.rule)
     assert max_diff(sampled["logprobs"], reference) < LOGPROB_TOL
+
+
+def test_sampling_logprobs_are_the_distribution_the_learner_scores(worker, hf, prompt, policy_dir, monkeypatch):
+    """At T = 0.5 with min_new_tokens: vLLM's sampling logprobs are those of the processed distribution
+    (vision placeholders biased out, end-of-answer suppressed before the minimum, logits / T), which
+    policy.sampling.SamplingRule.apply makes of the raw logits on the learner's side; the raw model's
+    log-softmax at T = 0.5 is not it. Weights under which the end-of-answer token is likely make the
+    suppression count (the random policy gives it ~1e-3)."""
+    from policy.sampling import SamplingRule
+
+    model, processor = hf
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    likely_end = copy.deepcopy(model)
+    with torch.no_grad():
+        likely_end.lm_head.weight[end] += 3 * likely_end.lm_head.weight.std() * torch.sign(
+            likely_end.lm_head.weight.mean(0))
+    worker.update_weights([named_tensors(likely_end)], version=9)
+    rule = SamplingRule.of(worker.tokenizer, policy_dir, temperature=0.5, min_new_tokens=6)
+    monkeypatch.setattr(worker, "rule", rule)
+    try:
+        out = worker.generate([prompt], n=4, max_new_tokens=12, seed=3)[0]["responses"]
+        for r in out:
+            assert len(r["token_ids"]) >= 6  # no end before the minimum
+            assert max_diff(r["logprobs"],
+                            hf_logprobs(likely_end, processor, prompt, r["token_ids"], rule)) < LOGPROB_TOL
+        raw = SamplingRule(0.5, (), (), 0)  # temperature only: what the learner computed before
+        assert max(max_diff(r["logprobs"], hf_logprobs(likely_end, processor, prompt, r["token_ids"], raw))
+                   for r in out) > 10 * LOGPROB_TOL
+    finally:
+        worker.update_weights([named_tensors(model)], version=0)
 
 
 def test_update_weights_parity_with_perturbed_weights(worker, hf, prompt):
@@ -191,7 +223,8 @@ def test_update_weights_parity_with_perturbed_weights(worker, hf, prompt):
     out = worker.generate([prompt], n=2, max_new_tokens=24)[0]
     assert out["weight_version"] == 1
     for r in out["responses"]:
-        assert max_diff(r["logprobs"], hf_logprobs(perturbed, processor, prompt, r["token_ids"])) < LOGPROB_TOL
+        assert max_diff(r["logprobs"],
+                        hf_logprobs(perturbed, processor, prompt, r["token_ids"], worker.rule)) < LOGPROB_TOL
 
 
 def test_update_changes_generation(worker, hf, prompt, monkeypatch):
@@ -225,12 +258,12 @@ def test_update_changes_generation(worker, hf, prompt, monkeypatch):
 
 def test_broadcast_group_update_parity(worker, hf, prompt):
     """rollout.weight_sync=collective's receiving side: the engine joins a gloo broadcast group with a
-    sender (learner rank 0's code path, rollout/broadcast.py, here in a thread), receives perturbed
+    sender (learner rank 0's code path, weight_sync/group.py, here in a thread), receives perturbed
     weights in buckets that split decoder layers, and serves exactly them; checksums agree."""
     import socket
     import threading
 
-    from rollout.broadcast import WeightGroup
+    from weight_sync.group import WeightGroup
 
     model, processor = hf
     perturbed = perturbed_copy(model, seed=1)

@@ -24,7 +24,8 @@ def test_gpu_engine_args_pass_vllms_own_validation(recipe, model, tp):
     assert model_config.max_model_len == cfg.rollout.max_model_len
     assert model_config.hf_config.model_type == "qwen2_5_vl"
     pixels = cfg.model.image_size ** 2  # 840 px images reach vLLM unresized, as the learner sees them
-    assert model_config.multimodal_config.mm_processor_kwargs["size"] == {"shortest_edge": pixels, "longest_edge": pixels}
+    assert (model_config.multimodal_config.mm_processor_kwargs["size"]
+            == {"shortest_edge": pixels, "longest_edge": pixels})
 
 
 def test_cpu_engine_args_size_the_kv_cache_in_bytes():

@@ -14,8 +14,8 @@ ray = pytest.importorskip("ray")
 from cluster.rollout import RolloutGroup  # noqa: E402
 from config import load_config  # noqa: E402
 from data.dataset import ParquetSource  # noqa: E402
-from rollout.group import make_groups  # noqa: E402
 from tests.helpers import Gate  # noqa: E402
+from trajectory import Reward, make_groups, text_hash  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +50,7 @@ class RecordingPool:
         self.submitted.append(key)
 
     def collect(self, keys):
-        return {k: [{"total": float(i)} for i in range(4)] for k in keys}
+        return {k: [Reward({"total": float(i)}, text_hash(f"answer {i}")) for i in range(4)] for k in keys}
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -25,8 +25,10 @@ def test_prompt_and_answer_are_word_tokens_and_round_trip(tokenizer):
 def test_multi_object_prompt_and_answer_are_word_tokens(tokenizer):
     prompt = chat_prompt("all the red shapes", "multi_object")
     objects = [{"bbox_2d": [3, 31, 25, 53], "point_2d": [14, 42]}, {"bbox_2d": [60, 2, 80, 20], "point_2d": [70, 11]}]
-    answer = reference_answer("all the red shapes", [3, 2, 80, 53], [[14, 42], [70, 11]], "red circle red square", objects)
-    assert answer.endswith('<answer>[{"bbox_2d":[3,31,25,53],"point_2d":[14,42]},{"bbox_2d":[60,2,80,20],"point_2d":[70,11]}]</answer>')
+    answer = reference_answer("all the red shapes", [3, 2, 80, 53], [[14, 42], [70, 11]], "red circle red square",
+                              objects)
+    assert answer.endswith('<answer>[{"bbox_2d":[3,31,25,53],"point_2d":[14,42]},'
+                           '{"bbox_2d":[60,2,80,20],"point_2d":[70,11]}]</answer>')
     for text, most in ((prompt, len(prompt) // 3), (answer, 33)):  # 13 pieces + 12 numbers + think
         ids = tokenizer.encode(text).ids
         assert len(ids) <= most, (len(ids), tokenizer.encode(text).tokens)

@@ -1,11 +1,12 @@
 """Weight sync on a real local Ray with real Learner actors (tiny policy, two ZeRO-3 ranks, started by
-cluster.learners.LearnerGroup as a job does): LearnerGroup.weight_bucket_refs + weight_sync.push_weights,
-and RolloutGroup.sync_from / resync.
+cluster.learners.LearnerGroup as a job does): cluster.weight_sync's bucket_refs + push_weights, and
+RolloutGroup.sync_from / resync over both paths.
 
 The receivers are recording actors with RolloutWorker's weight interface (load_weights(bucket) ->
 bytes, commit_weights(version) -> version; for rollout.weight_sync=collective also join_weight_group,
-weight_group_epoch, receive_weights, receiving through rollout/broadcast.py as vLLM's worker does):
-they show exactly which tensors arrive in which bucket, and they can hang, misreport or corrupt on purpose. The real vLLM receiving side is tested in test_rollout.py,
+weight_group_epoch, receive_weights, receiving through weight_sync/group.py as vLLM's worker does):
+they show exactly which tensors arrive in which bucket, and they can hang, misreport or corrupt on purpose.
+The real vLLM receiving side is tested in test_rollout.py,
 the whole loop with real rollout workers in test_launch.py and test_modes.py.
 """
 import socket
@@ -21,12 +22,12 @@ ray = pytest.importorskip("ray")
 
 from cluster.learners import LearnerGroup  # noqa: E402
 from cluster.rollout import RolloutGroup  # noqa: E402
-from cluster.broadcast import WeightChecksumError  # noqa: E402
-from cluster.weight_sync import push_weights, sync_timeout  # noqa: E402
+from cluster.weight_sync import WeightChecksumError, bucket_refs, push_weights, sync_timeout  # noqa: E402
 from config import REPO, Config  # noqa: E402
 from policy.prompt import chat_prompt  # noqa: E402
 from policy.tiny import build_tiny_policy  # noqa: E402
 from tests.helpers import Gate  # noqa: E402
+from trajectory import LearnerBatch, LearnerSequence  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +75,7 @@ def actors(policy_dir):
     cfg = Config()
     cfg.learner.kl_coef = 0.0  # no reference model: only the policy's weights matter here
     # Two ZeRO-3 ranks, every tensor partitioned: each bucket is gathered by both ranks (collective),
-    # rank 0 streams it, and weight_bucket_refs drains rank 1's empty stream.
+    # rank 0 streams it, and bucket_refs drains rank 1's empty stream.
     cfg.cluster.learner_ranks = 2
     cfg.learner.zero_stage = 3
     cfg.learner.zero3_param_persistence_threshold = 0
@@ -112,7 +113,7 @@ def checkpoint(policy_dir):
 
     The order is independent of the learner's code: the module tree of the model as transformers
     builds it, renamed as save_pretrained does (model.visual.* -> visual.*, model.language_model.* ->
-    model.*), see learner/weights.py. The learner trains every parameter (freeze_vision is off).
+    model.*), see weight_sync/buckets.py. The learner trains every parameter (freeze_vision is off).
     """
     from transformers import AutoModelForImageTextToText
 
@@ -154,10 +155,10 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 # The tiny policy's largest tensors (embedding, lm_head) are 1344 x 128 fp32 = 688 KiB.
-def rollout_group(learners, workers, sync_timeout_s=300.0, weight_sync="rpc"):
+def rollout_group(learners, workers, sync_timeout_s=300.0, weight_sync="rpc", call_timeout_s=600.0):
     """A RolloutGroup whose workers are the given receivers (no vLLM engine)."""
     cfg = learners.cfg.model_copy(deep=True)
-    cfg.cluster.sync_timeout_s = sync_timeout_s
+    cfg.cluster.sync_timeout_s, cfg.cluster.call_timeout_s = sync_timeout_s, call_timeout_s
     cfg.rollout.weight_sync = weight_sync
     group = RolloutGroup(cfg, "unused", reward_pool=None, count=0)
     group.workers = list(workers)
@@ -166,7 +167,7 @@ def rollout_group(learners, workers, sync_timeout_s=300.0, weight_sync="rpc"):
 
 def sync(learners, workers, version, bucket_bytes):
     deadline, err = time.monotonic() + 300, sync_timeout(version, 300)
-    n_bytes, dead = push_weights(workers, learners.weight_bucket_refs(bucket_bytes, deadline, err), version, deadline, err)
+    n_bytes, dead = push_weights(workers, bucket_refs(learners, bucket_bytes, deadline, err), version, deadline, err)
     assert dead == []
     return n_bytes
 
@@ -233,7 +234,7 @@ def test_resync_serves_the_synced_version_without_the_busy_learner(learners, rec
 
     # The learner moves on (an update), then is kept busy until the test releases it.
     image = Image.new("RGB", (112, 112))
-    learners.sft_step([{"prompt": chat_prompt("the red circle"), "image": image, "response_ids": [5, 6, 7]}] * 2)
+    learners.sft_step(LearnerBatch([LearnerSequence(chat_prompt("the red circle"), image, [5, 6, 7])] * 2))
     gate = Gate.remote()
     busy = [r.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate) for r in learners.ranks]
     group.resync(b)  # returns while every learner rank is busy: it never waits behind the learner
@@ -255,7 +256,7 @@ def test_resync_serves_the_synced_version_without_the_busy_learner(learners, rec
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class GroupReceiver(Receiver.__ray_actor_class__):
     """Receiver that also takes part in the broadcast group, as vLLM's worker extension does
-    (rollout/broadcast.py). Restarted by Ray when killed (a fresh one: no group, nothing received).
+    (weight_sync/group.py). Restarted by Ray when killed (a fresh one: no group, nothing received).
     ``set_mode``: "hang" = receive_weights never returns; "corrupt" = one byte of bucket 1 flips on
     arrival, before the checksum (what a buffer read before its transfer ends looks like)."""
 
@@ -268,7 +269,7 @@ class GroupReceiver(Receiver.__ray_actor_class__):
         self.mode = mode
 
     def join_weight_group(self, address, port, rank_offset, world_size, timeout_s, epoch):
-        from rollout.broadcast import WeightGroup
+        from weight_sync.group import WeightGroup
 
         self.group = None
         self.group = WeightGroup(address, port, rank_offset, world_size, timeout_s, epoch, torch.device("cpu"))
@@ -277,7 +278,7 @@ class GroupReceiver(Receiver.__ray_actor_class__):
         return None if self.group is None else self.group.epoch
 
     def receive_weights(self, plan, version):
-        from rollout.broadcast import checksum, layout, unpack
+        from weight_sync.buckets import checksum, layout, unpack
 
         if self.mode == "hang":
             threading.Event().wait()
@@ -304,7 +305,7 @@ class GroupReceiver(Receiver.__ray_actor_class__):
 def learner_weights(learners) -> list:
     """The learner's current trainable weights, over RPC, as (name, tensor) in send order."""
     deadline, err = time.monotonic() + 300, sync_timeout(0, 300)
-    return [(n, t) for ref in learners.weight_bucket_refs(learners.cfg.cluster.sync_bucket_mb << 20, deadline, err)
+    return [(n, t) for ref in bucket_refs(learners, learners.cfg.cluster.sync_bucket_mb << 20, deadline, err)
             for n, t in ray.get(ref)]
 
 
@@ -338,7 +339,7 @@ def test_collective_sync_membership_restart_and_scaling(learners, members, check
     assert first["sync/bytes"] >= sum(nbytes(t) for _, t in weights)
     for r in (a, b):
         assert_holds(r, 11, weights)
-    assert group.synced[1] is None  # synchronous mode keeps no copy in the object store
+    assert group.sync.kept[1] is None  # synchronous mode keeps no copy in the object store
     assert group.sync_from(learners, version=12)["sync/group_rebuilds"] == 0  # same members, same group
     epoch = ray.get(a.weight_group_epoch.remote())
 
@@ -372,20 +373,26 @@ def test_collective_sync_membership_restart_and_scaling(learners, members, check
 
 @pytest.mark.parametrize("where", ["busy before the sync", "inside the broadcast"])
 def test_collective_hung_worker_is_named_restarted_and_synced(learners, members, caplog, where):
-    """A worker that hangs makes the sync fail within cluster.sync_timeout_s with an error naming it;
-    it is restarted, the group rebuilt, the weights sent again, and the sync returns: the job goes on."""
+    """A worker that hangs is named, restarted, the group rebuilt, the weights sent again, and the sync
+    returns: the job goes on. Busy before the sync (stuck in generation): it is found at the end of
+    cluster.call_timeout_s, the generation's bound, before the sync's own deadline starts; hung inside
+    the broadcast: within cluster.sync_timeout_s."""
     a, b, _ = members
     weights = learner_weights(learners)
-    group = rollout_group(learners, [a, b], sync_timeout_s=16, weight_sync="collective")
+    group = rollout_group(learners, [a, b], sync_timeout_s=16, weight_sync="collective", call_timeout_s=12)
     group.sync_from(learners, version=20)
     if where == "busy before the sync":  # e.g. stuck in generation: the barrier never gets an answer
         gate = Gate.remote()
         b.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate)
     else:  # enters the update, never receives: the others fail after half the timeout, b stays silent
         ray.get(b.set_mode.remote("hang"))
-    with caplog.at_level("ERROR", logger="cluster.broadcast"):
+    with caplog.at_level("ERROR", logger="cluster.weight_sync"):
         metrics = group.sync_from(learners, version=21)
-    assert "rollout workers [1] did not answer within 16 s (cluster.sync_timeout_s: hung)" in caplog.text
+    if where == "busy before the sync":
+        assert "rollout workers [1] still busy after 12 s (cluster.call_timeout_s: hung)" in caplog.text
+        assert metrics["time/sync_wait"] >= 12 and metrics["time/sync"] < metrics["time/sync_wait"]
+    else:
+        assert "rollout workers [1] did not answer within 16 s (cluster.sync_timeout_s: hung)" in caplog.text
     assert metrics["sync/worker_restarts"] == 1
     for r in (a, b):
         assert_holds(r, 21, weights)
@@ -401,3 +408,32 @@ def test_collective_checksum_mismatch_is_an_error(learners, members):
             group.sync_from(learners, version=30)
     finally:
         ray.get(b.set_mode.remote("ok"))
+
+
+@pytest.mark.parametrize("weight_sync", ["rpc", "collective"])
+def test_a_generation_longer_than_the_sync_timeout_is_waited_for(learners, receivers, members, weight_sync):
+    """One-step off-policy: a worker still generating the next round when the sync starts. Its
+    generation (here a call blocked on a gate) outlasts cluster.sync_timeout_s; the sync waits for it
+    (``time/sync_wait``, bounded by the call timeout) and only then starts its own deadline: no
+    timeout, no healthy worker restarted as hung, and ``time/sync`` without the generation."""
+    a, b = (receivers["a"], receivers["b"]) if weight_sync == "rpc" else members[:2]
+    group = rollout_group(learners, [a, b], sync_timeout_s=4, weight_sync=weight_sync)
+    group.sync_from(learners, version=40)  # the collective group is built now, outside the measured sync
+    gate = Gate.remote()
+    generating = b.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate)
+    start = time.monotonic()
+
+    def pump():  # the round's pump; the generation ends once the sync's deadline would have passed
+        if time.monotonic() > start + 4 + 2:
+            gate.open.remote()
+
+    metrics = group.sync_from(learners, version=41, pump=pump)
+    ray.get(generating, timeout=60)
+    assert metrics["sync/worker_restarts"] == 0
+    assert metrics["time/sync_wait"] > 4 > metrics["time/sync"]
+    if weight_sync == "collective":
+        assert metrics["sync/group_rebuilds"] == 0
+        for r in (a, b):
+            assert ray.get(r.state.remote())[0] == 41
+    else:
+        assert all(ray.get(r.received.remote()) for r in (a, b))

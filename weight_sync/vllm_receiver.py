@@ -1,7 +1,7 @@
 """Weight loading inside vLLM's worker: methods that `llm.collective_rpc("name", ...)` calls by name.
 
 vLLM mixes this class into its worker class when the engine is built with
-``worker_extension_cls="rollout.vllm_extension.WeightSyncExtension"``, so ``self`` here is vLLM's
+``worker_extension_cls="weight_sync.vllm_receiver.WeightSyncExtension"``, so ``self`` here is vLLM's
 worker (CPUWorker on CPU, Worker on GPU): ``self.get_model()``, ``self.vllm_config`` are vLLM's.
 Method names must not collide with the worker's own (vLLM asserts this at start-up), which is why
 these are ``begin_weight_load``/``end_weight_load`` and not vLLM's ``start/finish_weight_update``.
@@ -25,16 +25,15 @@ checkpoint's (``model.layers.0...``, ``visual...``); vLLM's Qwen2.5-VL name mapp
 fuses q/k/v and gate/up itself.
 
 The same session takes buckets from the broadcast group (``rollout.weight_sync=collective``,
-rollout/broadcast.py): ``join_weight_group`` once per membership, then ``receive_weights`` per sync
+weight_sync/group.py): ``join_weight_group`` once per membership, then ``receive_weights`` per sync
 runs the whole session with the buckets as they arrive.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-from rollout.engine_logs import filter_expected_engine_warnings
+from engine_logs import filter_expected_engine_warnings
+from weight_sync.buckets import from_bytes
 
 
 class WeightSyncExtension:
@@ -58,9 +57,7 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
 
         if isinstance(bucket, (bytes, bytearray)):
-            from safetensors.torch import load
-
-            bucket = list(load(bytes(bucket)).items())
+            bucket = from_bytes(bucket)
         with set_current_vllm_config(self.vllm_config):
             self.get_model().load_weights(bucket)
         return len(bucket)
@@ -70,7 +67,7 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         # vLLM warns "Failed to load weights" for every layer that received nothing: here the documented
-        # case (frozen sub-models are not pushed and keep their weights), filtered (rollout/engine_logs.py;
+        # case (frozen sub-models are not pushed and keep their weights), filtered (engine_logs.py;
         # this may be vLLM's engine process, not the actor's). A layer that received only part of its
         # tensors is not covered by this.
         filter_expected_engine_warnings()
@@ -78,14 +75,14 @@ class WeightSyncExtension:
             finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
         self._loaded_weight_version = version
 
-    # -- collective path (rollout/broadcast.py) ----------------------------------------------------
+    # -- collective path (weight_sync/group.py) ----------------------------------------------------
     def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
                           epoch: int) -> None:
         """Joins the broadcast group as rank ``rank_offset`` + this worker's tensor-parallel rank; blocks
         until every member joined (the driver calls all members at once)."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from rollout.broadcast import WeightGroup
+        from weight_sync.group import WeightGroup
 
         self._weight_group = None  # a previous membership's group is dropped first
         self._weight_group = WeightGroup(address, port, rank_offset + get_tensor_model_parallel_rank(),
