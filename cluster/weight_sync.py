@@ -34,6 +34,7 @@ fixed probe are compared with what each worker serves (cluster/rollout.py).
 """
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def check_parity(workers: list, probe: dict, reference: list[float], tolerance: 
     return max(diffs, default=0.0)
 
 
-class WeightSync:
+class WeightSync(abc.ABC):
     """What both paths share: the wait for free workers, and resync over RPC from the kept buckets."""
 
     def __init__(self, cfg):
@@ -191,8 +192,9 @@ class WeightSync:
         n_bytes, restarted, rebuilds = self._push(learners, workers, version)
         return SyncResult(n_bytes, restarted + len(hung), wait_s, rebuilds)
 
+    @abc.abstractmethod
     def _push(self, learners, workers: list, version: int) -> tuple[int, int, int | None]:
-        raise NotImplementedError
+        """The path's own push to free workers: (bytes per worker, workers restarted, groups built)."""
 
     def _restart(self, workers: list) -> None:
         for worker in workers:
