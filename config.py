@@ -235,6 +235,11 @@ class LearnerConfig(Section):
         "policy's training forward runs whole rows (transformers' checkpointed layers drop the cache); the "
         "reference and logprob forwards still share.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logprob_chunk_tokens: int = Field(
+        1024, ge=0, description="Token logprobs, entropy and KL from the final hidden states in chunks of about this "
+        "many tokens: the LM head, log-softmax and gather run per chunk and are recomputed in backward, so at most "
+        "one chunk's [tokens, vocabulary] logits exist at a time (with a 151,936-token vocabulary the whole "
+        "micro-batch's fp32 logits are gigabytes). 0: the whole micro-batch's logits at once, kept for backward.")
     freeze_vision: bool = Field(False, description="Train (and sync) only the language model.")
     clip_ratio_c: Optional[float] = Field(
         None, gt=1, description="Dual-clip bound c (> 1): for negative advantages the token loss is capped at -A*c. "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import zlib
@@ -233,7 +234,7 @@ def grpo_step(job, state, step: int) -> dict:
         state.pending = draw_round(job, state, step + 1, r.prompts_per_step)
     learner_metrics = job.learners.train_step(batch, while_waiting=state.pending.pump if state.pending else None)
     metrics["time/learner"] = time.perf_counter() - t_learn
-    check_drift(learner_metrics, cfg.max_logprob_drift, step)
+    check_update(learner_metrics, cfg.max_logprob_drift, step)
 
     # Weight sync: the next round samples from the updated policy.
     staleness = state.version - min(a.weight_version for g in kept for a in g.answers)
@@ -242,14 +243,20 @@ def grpo_step(job, state, step: int) -> dict:
     return step_metrics(job, state, kept, groups, learner_metrics, metrics, staleness, time.perf_counter() - t0)
 
 
-def check_drift(learner_metrics: dict, bound: float, step: int) -> None:
-    """The learner and vLLM must score the sampled tokens under the same distribution: their mean
-    per-token |logprob difference| over the tokens sampled with the learner's current weights stays
-    under cluster.max_logprob_drift, or the run stops (a sampling setting, stale or misnamed weights)."""
+def check_update(learner_metrics: dict, bound: float, step: int) -> None:
+    """The update must be finite: a nan loss or gradient norm has reached every weight through the
+    optimizer step. And the learner and vLLM must score the sampled tokens under the same distribution:
+    their mean per-token |logprob difference| over the tokens sampled with the learner's current weights
+    stays under cluster.max_logprob_drift (a sampling setting, stale or misnamed weights). Either stops
+    the run; a nan drift is a broken bound too."""
     from trajectory import InvariantError
 
+    bad = {k: learner_metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(learner_metrics.get(k, 0.0))}
+    if bad:
+        raise InvariantError(f"step {step}: the learner's update is not finite ({bad}): the weights are now "
+                             "invalid; the run stops (the last checkpoint is from before this step)")
     drift = learner_metrics.get("logprob_drift_current", 0.0)
-    if learner_metrics.get("tokens_current", 0) and drift > bound:
+    if learner_metrics.get("tokens_current", 0) and not drift <= bound:
         raise InvariantError(f"step {step}: the learner's logprobs of the sampled tokens differ from vLLM's by "
                              f"{drift:.4g} per token (cluster.max_logprob_drift={bound:g}): the two sides score "
                              "different distributions")

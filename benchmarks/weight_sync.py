@@ -128,7 +128,7 @@ def run_policy(args, layout: str, name: str, work: Path) -> list[dict]:
                 by_node.setdefault(node_of(w), []).append(w)
             assert node_of(learners.ranks[0]) not in by_node, "a rollout worker landed on the learner's node"
             everyone = [w for pair in zip(*by_node.values()) for w in pair] if len(by_node) > 1 else everyone
-        methods, version = {"rpc": RpcSync(cfg), "collective": rollouts.sync}, 0
+        methods, version = {"rpc": RpcSync(cfg, rollouts.sync.parity_probe), "collective": rollouts.sync}, 0
         for n in counts:
             rollouts.workers = everyone[:n]
             row, version = time_syncs(args.repeats, learners, rollouts, methods, version)

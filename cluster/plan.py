@@ -21,8 +21,9 @@ Formulas (bytes; P = parameters, N = learner ranks, w = 2 for bf16, 4 for fp32):
                    copy), 20 P / N (ZeRO-3), as measured. Frozen parameters (learner.freeze_vision) count
                    their weights only.
     reference      w P (ZeRO-2: a full copy per rank), w P / N (ZeRO-3), when learner.kl_coef > 0
-    logits         micro_batch x response tokens x vocabulary x 4 bytes x 3 (fp32 logits, their
-                   log-softmax, its gradient; the LM head runs on response positions only)
+    logits         min(micro_batch x response tokens, learner.logprob_chunk_tokens) x vocabulary x 4 bytes x 3
+                   (one chunk's fp32 logits, their log-softmax, its gradient; the LM head runs on response
+                   positions only; chunk 0: the whole micro-batch's)
     activations    per decoder layer and token 34 x hidden bytes (bf16, flash/SDPA attention: Korthikanti
                    et al. 2022 without the attention-score term); gradient checkpointing keeps 2 x hidden
                    per layer and token plus one layer's 34 x hidden; the vision tower alike on its patches
@@ -201,6 +202,11 @@ def plan_tokens(plan: Plan, cfg: Config, shape, policy_path: str) -> None:
                              f"rollout.max_new_tokens {r.max_new_tokens} = {sequence} tokens: long answers are cut")
 
 
+def logit_tokens(tokens: int, chunk_tokens: int) -> int:
+    """Response tokens whose logits exist at once: one chunk (learner/logprobs.py), or all of them (0)."""
+    return min(tokens, chunk_tokens) if chunk_tokens else tokens
+
+
 def plan_memory(plan: Plan, cfg: Config, shape, width: int) -> None:
     """Memory of one learner rank (model states, reference, logits, activations of one micro-batch) and
     of one vLLM engine (tensor parallelism splits weights and cache over its GPUs)."""
@@ -222,7 +228,7 @@ def plan_memory(plan: Plan, cfg: Config, shape, width: int) -> None:
         "model states": model_states_bytes(cfg, shape, width),
         "reference model": ((width * shape.params / (c.learner_ranks if lc.zero_stage == 3 else 1))
                             if lc.kl_coef > 0 else 0),
-        "logits (one micro-batch)": mb * r.max_new_tokens * shape.vocab * 4 * 3,
+        "logits (one micro-batch)": logit_tokens(mb * r.max_new_tokens, lc.logprob_chunk_tokens) * shape.vocab * 4 * 3,
         "activations, text": text_acts,
         "activations, vision": vision_acts,
     }

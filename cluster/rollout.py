@@ -27,7 +27,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.placement import PLACEMENT, free_placement, rollout_placement
-from cluster.weight_sync import check_parity, make_weight_sync, wait_until_alive
+from cluster.weight_sync import make_weight_sync, wait_until_alive
 from config import Config
 from data.dataset import Sample
 from reward.worker import reward_group
@@ -41,12 +41,10 @@ class RolloutGroup:
     def __init__(self, cfg: Config, policy_path: str, reward_pool, count: int, parity_probe: dict | None = None):
         """``count`` rollout actors (one vLLM engine each, placed by cluster.placement); returns at
         once, ``ready()`` waits for the engines. ``parity_probe``: see cluster/weight_sync.py."""
-        self.cfg, self.policy_path, self.reward_pool, self.parity_probe = cfg, policy_path, reward_pool, parity_probe
+        self.cfg, self.policy_path, self.reward_pool = cfg, policy_path, reward_pool
         self.workers: list = []
         self.versions = {0}  # every weight version pushed; 0 = the weights each engine starts from
-        self.sync = make_weight_sync(cfg)
-        self.parity_reference: list[float] | None = None  # the learner's probe logprobs of the last sync
-        self.learners = None  # of the last sync_from: resync's source when no buckets are kept
+        self.sync = make_weight_sync(cfg, parity_probe)
         self._add(count)
 
     # -- actors -----------------------------------------------------------------------------------
@@ -76,7 +74,7 @@ class RolloutGroup:
             new = self._add(count - len(self.workers))
             self.ready(new)
             for worker in new:
-                self.resync(worker)
+                self.sync.resync(worker)
         while len(self.workers) > count:
             worker = self.workers.pop()
             ray.kill(worker, no_restart=True)
@@ -99,36 +97,10 @@ class RolloutGroup:
 
     # -- weights ----------------------------------------------------------------------------------
     def sync_from(self, learners, version: int, pump=None) -> dict:
-        """The learner's current weights, as ``version``, to every worker (rollout.weight_sync: rpc or
-        collective, cluster/weight_sync.py), once every worker is free (``pump``: called meanwhile, the
-        pending off-policy round's). With the parity probe on, every worker is then checked against the
-        learner's raw logprobs of the probe."""
-        c = self.cfg.cluster
-        self.learners = learners
-        reference = None
-        if self.parity_probe is not None:
-            reference = learners.logprobs([self.parity_probe["sequence"]], sampled=False)[0]
+        """The learner's current weights, as ``version``, to every worker (cluster/weight_sync.py), once
+        every worker is free (``pump``: called meanwhile, the pending off-policy round's); its metrics."""
         self.versions.add(version)
-        t0 = time.perf_counter()
-        result = self.sync.push(learners, self.workers, version, pump)
-        self.parity_reference = reference
-        dt = time.perf_counter() - t0 - result.wait_s
-        metrics = {"time/sync": dt, "time/sync_wait": result.wait_s, "sync/bytes": result.n_bytes,
-                   "sync/gbps": result.n_bytes / max(dt, 1e-9) / 1e9, "sync/worker_restarts": result.restarted}
-        if result.rebuilds is not None:
-            metrics["sync/group_rebuilds"] = result.rebuilds
-        if reference is not None:
-            metrics["sync/parity_max_diff"] = check_parity(self.workers, self.parity_probe, reference,
-                                                           c.sync_parity_tolerance, c.call_timeout_s)
-        return metrics
-
-    def resync(self, worker) -> None:
-        """The last synced weights to one (restarted or new) worker (cluster/weight_sync.py ``resync``),
-        parity-checked against the same reference; it joins the broadcast group at the next sync."""
-        self.sync.resync(worker, self.learners)
-        if self.parity_reference is not None:
-            c = self.cfg.cluster
-            check_parity([worker], self.parity_probe, self.parity_reference, c.sync_parity_tolerance, c.call_timeout_s)
+        return self.sync.push(learners, self.workers, version, pump)
 
     # -- generation -------------------------------------------------------------------------------
     def round(self, groups: list[Group], seed: int | None, weight_version: int,
@@ -234,7 +206,7 @@ class RolloutRound:
         log.warning("rollout actor %s; waiting for it, resyncing its weights, redoing its %d prompts",
                     why, len(chunk.groups))
         wait_until_alive(worker, self.deadline)
-        self.rollouts.resync(worker)
+        self.rollouts.sync.resync(worker)
         self._dispatch(chunk, worker)
 
     def abandon(self) -> None:

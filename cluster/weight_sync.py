@@ -1,36 +1,27 @@
 """Weight sync, the driver's side: one interface over both paths (the contract: weight_sync/__init__.py).
 
-    sync = make_weight_sync(cfg)                        # RpcSync or CollectiveSync
-    result = sync.push(learners, workers, version)      # SyncResult; every worker then holds ``version``
-    sync.resync(worker, learners)                       # one restarted or added worker: the last version
+    sync = make_weight_sync(cfg, parity_probe)          # RpcSync or CollectiveSync
+    metrics = sync.push(learners, workers, version)     # every worker then holds ``version``
+    sync.resync(worker)                                 # one restarted or added worker: the last version
 
-A push starts by waiting until every rollout worker is free (``wait_idle``: a call that queues behind an
-off-policy round's generation, bounded by cluster.call_timeout_s, the generation's own bound); only
-then does cluster.sync_timeout_s start, so ``time/sync`` and the sync's deadline never include
-generation. A worker still busy at the end of the call timeout is hung: it is named, killed and
-restarted by Ray (a fresh engine with version 0), and synced with the others.
+A push first waits until every worker is free (``wait_idle``, bounded by cluster.call_timeout_s: an
+off-policy round's generation); only then does cluster.sync_timeout_s start, so neither ``time/sync``
+nor its deadline includes generation. Workers still busy then (hung), or that die or stop answering
+during the push (``SyncFailure``), are named and restarted by Ray, and the push is made again, once.
 
-- ``RpcSync`` (``rollout.weight_sync=rpc``): learner rank 0 streams its buckets into Ray's object store
-  (``bucket_refs``; under ZeRO-3 every rank helps gather each bucket), each bucket put ONCE and loaded
-  by every worker (``push_weights``: one update session per worker, then ``commit_weights(version)``,
-  whose reported version is checked). A worker that dies meanwhile is waited for and pushed to again,
-  once; the others commit what they loaded.
-- ``CollectiveSync`` (``collective``): one broadcast group from learner rank 0 into every vLLM worker
-  process, in three phases bounded by cluster.sync_timeout_s: (1) membership: each worker's group
-  epoch; (2) a new group (next epoch) when the members changed (a restart, scaling, a restarted learner
-  group): learner rank 0 serves a fresh store, every member joins at once; (3) the broadcast, the
-  sender's and every receiving process's bucket checksums compared (``WeightChecksumError``). Inside
-  the collective each operation times out after half of sync_timeout_s, so the members blocked behind
-  a hung peer fail well before the driver's deadline and only the hung worker stays silent: it is
-  named, restarted, the group rebuilt and the update sent again (once).
+- ``RpcSync``: learner rank 0 streams its buckets into Ray's object store (``bucket_refs``; under ZeRO-3
+  every rank helps gather each bucket), each put ONCE and loaded by every worker (``push_weights``:
+  one update session per worker, then ``commit_weights(version)``, whose reported version is checked).
+- ``CollectiveSync``: (1) membership: each worker's group epoch; (2) a new group (next epoch) when the
+  members changed (a restart, scaling, a restarted learner group); (3) the broadcast, the sender's and
+  every receiving process's bucket checksums compared (``WeightChecksumError``). Collective operations
+  time out after half of sync_timeout_s, so the members blocked behind a hung peer fail first and only
+  the hung worker stays silent.
 
-Both keep what a restarted or added worker needs (``resync``), so that it never waits behind a
-learner step: RPC's bucket refs, and on the collective path one-step off-policy the same buckets,
-put in the object store by learner rank 0 as it sends them; synchronous, the learner is idle and
-serves them. A worker joins the broadcast group at the next push.
-
-Parity (``cluster.sync_parity_check``, ``check_parity``): after a sync, learner rank 0's logprobs of a
-fixed probe are compared with what each worker serves (cluster/rollout.py).
+``kept``: what a restarted or added worker is resynced from over RPC without waiting behind a learner
+step (RPC's bucket refs; collective one-step off-policy, the same buckets put by rank 0 as it sends;
+synchronous, none: the idle learner serves them). Parity (cluster.sync_parity_check): after every push
+and resync, learner rank 0's raw logprobs of a fixed probe against what each worker serves.
 """
 from __future__ import annotations
 
@@ -48,54 +39,63 @@ from weight_sync.buckets import layout
 log = logging.getLogger(__name__)
 
 
-class SyncTimeout(TimeoutError):
-    pass
-
-
 class WeightChecksumError(RuntimeError):
     """A bucket arrived with other bytes than learner rank 0 sent."""
 
 
-def sync_timeout(version: int, timeout_s: float, who: str = "a rollout worker or learner rank") -> SyncTimeout:
-    return SyncTimeout(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
-                       f"(cluster.sync_timeout_s): {who} is hung")
+def sync_timeout(version: int, timeout_s: float, who: str = "a rollout worker or learner rank") -> TimeoutError:
+    return TimeoutError(f"weight sync to version {version} did not finish within {timeout_s:.0f} s "
+                        f"(cluster.sync_timeout_s): {who} is hung")
+
+
+def last_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[-1][:300]
 
 
 @dataclass
-class SyncResult:
-    n_bytes: int            # tensor bytes each worker received
-    restarted: int          # workers restarted (hung or dead) during this sync
-    wait_s: float           # waiting for the workers to be free (not sync time)
-    rebuilds: int | None = None  # collective: groups built by the attempt that succeeded (0 or 1)
+class SyncFailure(Exception):
+    """What went wrong in one push attempt: workers that did not answer (hung), died, failed."""
+    phase: str
+    hung: list = field(default_factory=list)
+    dead: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    cause: str = ""
+
+    def message(self, workers: list, version: int, timeout_s: float) -> str:
+        hung, dead, failed = ([workers.index(w) for w in ws] for ws in (self.hung, self.dead, self.failed))
+        return (f"weight sync to version {version} ({self.phase}): rollout workers {hung} did not answer within "
+                f"{timeout_s:.0f} s (cluster.sync_timeout_s: hung), {dead} died, {failed} failed"
+                + (f"; {self.cause}" if self.cause else ""))
 
 
-def stream_refs(stream, deadline: float, too_slow: Exception):
-    """Object refs of a streaming actor generator (a learner rank's buckets), each waited for until
-    ``deadline``; a rank that dies is a LearnerLost."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+def drain(streams: list, deadline: float, too_slow: Exception) -> list:
+    """The refs learner rank 0's stream yields (its buckets, in order), each waited for until ``deadline``;
+    the other ranks' (empty: they only help gather under ZeRO-3) run to their end. A dead rank: LearnerLost."""
+    refs = []
+    for rank, stream in enumerate(streams):
+        while (left := deadline - time.monotonic()) > 0:
+            if not ray.wait([stream], timeout=left)[0]:
+                continue
+            try:
+                ref = next(stream)
+            except StopIteration:
+                break
+            except RayActorError as exc:
+                raise LearnerLost(f"learner rank {rank} died streaming its weights: {type(exc).__name__}") from exc
+            if rank == 0:
+                refs.append(ref)
+            else:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        else:
             raise too_slow
-        if not ray.wait([stream], timeout=left)[0]:
-            continue
-        try:
-            yield next(stream)
-        except StopIteration:
-            return
-        except RayActorError as exc:
-            raise LearnerLost(f"a learner rank died while streaming its weights: {type(exc).__name__}") from exc
+    return refs
 
 
 def bucket_refs(learners, bucket_bytes: int, deadline: float, too_slow: Exception) -> list:
     """Rank 0's weight buckets (lists of (HF name, tensor)) as object refs in Ray's object store, in
-    order. Collective: under ZeRO-3 every rank helps gather each bucket, so the other ranks' (empty)
-    streams are drained too. Raises ``too_slow`` when ``deadline`` passes."""
-    streams = [r.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for r in learners.ranks]
-    refs = list(stream_refs(streams[0], deadline, too_slow))
-    for other in streams[1:]:
-        for ref in stream_refs(other, deadline, too_slow):
-            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-    return refs
+    order; raises ``too_slow`` when ``deadline`` passes."""
+    return drain([r.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for r in learners.ranks],
+                 deadline, too_slow)
 
 
 def wait_until_alive(actor, deadline: float) -> None:
@@ -113,9 +113,8 @@ def wait_until_alive(actor, deadline: float) -> None:
 
 
 def wait_idle(workers: list, timeout_s: float, pump=None) -> list:
-    """Waits until every worker has finished what it was doing (a call queued behind it), calling
-    ``pump`` meanwhile (an off-policy round's finished chunks go on to the reward pool); returns the
-    workers still busy after ``timeout_s`` (a dead worker counts as free: the push handles it)."""
+    """Waits until every worker is free (a call queued behind it returns), calling ``pump`` meanwhile (an
+    off-policy round's finished chunks go on to the reward pool); the workers still busy after ``timeout_s``."""
     refs = {w.__ray_ready__.remote(): w for w in workers}
     deadline = time.monotonic() + timeout_s
     waiting = list(refs)
@@ -128,10 +127,8 @@ def wait_idle(workers: list, timeout_s: float, pump=None) -> list:
 
 
 def push_weights(workers: list, refs: list, version: int, deadline: float, too_slow: Exception) -> tuple[int, list]:
-    """Every bucket to every worker's ``load_weights``, then ``commit_weights(version)`` on each; checks
-    the versions they report. Returns (bytes loaded per worker, the workers found dead). A dead worker
-    does not stop the others: they commit; the caller waits for the dead ones to restart (a fresh
-    engine, a fresh update session) and pushes to them alone. Raises ``too_slow`` at ``deadline``."""
+    """Every bucket to every worker's ``load_weights``, then ``commit_weights(version)`` on each, reported
+    versions checked; (bytes loaded per worker, the workers found dead: the others still commit)."""
     def get(pending):
         try:
             return ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
@@ -158,30 +155,22 @@ def push_weights(workers: list, refs: list, version: int, deadline: float, too_s
     return n_bytes, dead
 
 
-def check_parity(workers: list, probe: dict, reference: list[float], tolerance: float, timeout_s: float) -> float:
-    """Max |learner - vLLM| logprob over the probe on every worker; RuntimeError above ``tolerance``
-    (stale or misnamed weights, a cache that was not reset). A healthy fp32 sync on CPU differs by ~2e-6.
-
-    probe: {"problem", "image" (model size), "response_ids"}; reference: the learner's raw logprobs of
-    the probe (vLLM's prompt logprobs are the raw model's, whatever the sampling settings)."""
-    prompt = {"problem": probe["problem"], "image": probe["image"]}
-    served = ray.get([w.probe_logprobs.remote(prompt, probe["response_ids"]) for w in workers], timeout=timeout_s)
-    diffs = [max(abs(a - b) for a, b in zip(reference, got)) for got in served]
-    if diffs and max(diffs) > tolerance:
-        raise RuntimeError(f"weight sync parity check failed: max |learner - vLLM| logprob per worker {diffs} "
-                           f"> cluster.sync_parity_tolerance={tolerance}")
-    return max(diffs, default=0.0)
-
-
 class WeightSync(abc.ABC):
-    """What both paths share: the wait for free workers, and resync over RPC from the kept buckets."""
+    """What both paths share: the wait for free workers, the retry after a failure, resync over RPC, parity."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, parity_probe: dict | None = None):
+        self.cfg, self.parity_probe = cfg, parity_probe
         self.kept: tuple[int, list | None] | None = None  # (version, its bucket refs or None) of the last push
+        self.learners = None  # of the last push: resync's source when no buckets are kept
+        self.reference: list[float] | None = None  # the learner's probe logprobs at the last push
 
-    def push(self, learners, workers: list, version: int, pump=None) -> SyncResult:
+    def push(self, learners, workers: list, version: int, pump=None) -> dict:
+        """``version`` to every worker once all are free (``pump``: called meanwhile); the sync's metrics."""
         c = self.cfg.cluster
+        self.learners = learners
+        reference = None
+        if self.parity_probe is not None:
+            reference = learners.logprobs([self.parity_probe["sequence"]], sampled=False)[0]
         t0 = time.perf_counter()
         hung = wait_idle(workers, c.call_timeout_s, pump)
         if hung:
@@ -189,125 +178,123 @@ class WeightSync(abc.ABC):
                       "hung); restarting them", version, [workers.index(w) for w in hung], c.call_timeout_s)
             self._restart(hung)
         wait_s = time.perf_counter() - t0
-        n_bytes, restarted, rebuilds = self._push(learners, workers, version)
-        return SyncResult(n_bytes, restarted + len(hung), wait_s, rebuilds)
+        n_bytes, rebuilds, restarted = self._retry(workers, version, lambda: self._attempt(learners, workers, version))
+        dt = time.perf_counter() - t0 - wait_s
+        self.reference = reference
+        metrics = {"time/sync": dt, "time/sync_wait": wait_s, "sync/bytes": n_bytes,
+                   "sync/gbps": n_bytes / max(dt, 1e-9) / 1e9, "sync/worker_restarts": restarted + len(hung)}
+        if rebuilds is not None:
+            metrics["sync/group_rebuilds"] = rebuilds
+        if reference is not None:
+            metrics["sync/parity_max_diff"] = self._check_parity(workers)
+        return metrics
+
+    def _check_parity(self, workers: list) -> float:
+        """Max |learner - vLLM| logprob over the probe on every worker; RuntimeError above the tolerance
+        (stale or misnamed weights, a cache that was not reset; a healthy fp32 sync on CPU differs by
+        ~2e-6). vLLM's prompt logprobs are the raw model's, whatever the sampling settings."""
+        c, probe = self.cfg.cluster, self.parity_probe
+        prompt = {"problem": probe["problem"], "image": probe["image"]}
+        served = ray.get([w.probe_logprobs.remote(prompt, probe["response_ids"]) for w in workers],
+                         timeout=c.call_timeout_s)
+        diffs = [max(abs(a - b) for a, b in zip(self.reference, got)) for got in served]
+        if diffs and max(diffs) > c.sync_parity_tolerance:
+            raise RuntimeError(f"weight sync parity check failed: max |learner - vLLM| logprob per worker {diffs} "
+                               f"> cluster.sync_parity_tolerance={c.sync_parity_tolerance}")
+        return max(diffs, default=0.0)
 
     @abc.abstractmethod
-    def _push(self, learners, workers: list, version: int) -> tuple[int, int, int | None]:
-        """The path's own push to free workers: (bytes per worker, workers restarted, groups built)."""
+    def _attempt(self, learners, workers: list, version: int) -> tuple[int, int | None]:
+        """One push to free workers: (bytes per worker, groups built); SyncFailure when some hang or die."""
 
-    def _restart(self, workers: list) -> None:
-        for worker in workers:
-            ray.kill(worker, no_restart=False)  # Ray restarts it (max_restarts=-1) with a fresh engine
+    def _retry(self, workers: list, version: int, attempt) -> tuple:
+        """(*attempt(), workers restarted); after a SyncFailure, once more with the hung and dead restarted."""
+        restarted = 0
+        for again in (False, True):
+            try:
+                return *attempt(), restarted
+            except SyncFailure as failure:
+                message = failure.message(workers, version, self.cfg.cluster.sync_timeout_s)
+                if again:
+                    raise RuntimeError(message + "; gave up after restarting and sending again once") from None
+                log.error("%s; restarting the hung and dead workers and sending again", message)
+                self._restart(failure.hung, failure.dead)
+                restarted = len(failure.hung) + len(failure.dead)
+
+    def _restart(self, hung: list, dead: list = ()) -> None:
+        """Kills the hung workers (Ray restarts them with a fresh engine); waits for them and the dead ones."""
+        for worker in hung:
+            ray.kill(worker, no_restart=False)
         deadline = time.monotonic() + self.cfg.cluster.startup_timeout_s
-        for worker in workers:
+        for worker in [*hung, *dead]:
             wait_until_alive(worker, deadline)
 
-    def resync(self, worker, learners) -> None:
-        """The last pushed version to one restarted or added worker over RPC: from the kept buckets, or
-        (none kept: synchronous collective, the learner is idle and holds exactly that version) from the
-        learner. Nothing to do before the first push (a fresh engine holds version 0)."""
+    def _load(self, workers: list, refs: list, version: int) -> tuple[int, None]:
+        """``push_weights`` of ``refs``; the workers found dead are a SyncFailure."""
+        c = self.cfg.cluster
+        too_slow = sync_timeout(version, c.sync_timeout_s)
+        n_bytes, dead = push_weights(workers, refs, version, time.monotonic() + c.sync_timeout_s, too_slow)
+        if dead:
+            raise SyncFailure("rpc", dead=dead)
+        return n_bytes, None
+
+    def resync(self, worker) -> None:
+        """The last pushed version to one restarted or added worker over RPC, parity-checked: from the kept
+        buckets, or (none kept: synchronous collective, the learner is idle and holds exactly that
+        version) from the learner. Nothing to do before the first push (a fresh engine holds version 0)."""
         if self.kept is None:
             return
         version, refs = self.kept
-        c = self.cfg.cluster
-        deadline, too_slow = time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s)
         if refs is None:
-            refs = bucket_refs(learners, c.sync_bucket_mb << 20, deadline, too_slow)
-        self._push_rpc([worker], refs, version, deadline, too_slow)
+            refs = self._bucket_refs(self.learners, version)
+        self._retry([worker], version, lambda: self._load([worker], refs, version))
+        if self.reference is not None:
+            self._check_parity([worker])
 
-    def _push_rpc(self, workers: list, refs: list, version: int, deadline: float,
-                  too_slow: Exception) -> tuple[int, int]:
-        """push_weights; workers found dead are waited for (Ray restarts them with the initial weights) and
-        pushed to again, once. Returns (bytes per worker, workers pushed to again)."""
-        n_bytes, dead = push_weights(workers, refs, version, deadline, too_slow)
-        if not dead:
-            return n_bytes, 0
-        log.warning("weight sync: %d rollout worker(s) died; waiting for their restart, then pushing again", len(dead))
-        for w in dead:
-            wait_until_alive(w, time.monotonic() + self.cfg.cluster.startup_timeout_s)
-        n_again, still_dead = push_weights(dead, refs, version, deadline, too_slow)
-        if still_dead:
-            raise RuntimeError(f"weight sync: {len(still_dead)} rollout worker(s) died again while being resynced")
-        return max(n_bytes, n_again), len(dead)
+    def _bucket_refs(self, learners, version: int) -> list:
+        c = self.cfg.cluster
+        return bucket_refs(learners, c.sync_bucket_mb << 20, time.monotonic() + c.sync_timeout_s,
+                           sync_timeout(version, c.sync_timeout_s))
 
 
 class RpcSync(WeightSync):
-    def _push(self, learners, workers: list, version: int) -> tuple[int, int, None]:
-        c = self.cfg.cluster
-        deadline, too_slow = time.monotonic() + c.sync_timeout_s, sync_timeout(version, c.sync_timeout_s)
-        refs = bucket_refs(learners, c.sync_bucket_mb << 20, deadline, too_slow)
-        self.kept = (version, refs)
-        n_bytes, restarted = self._push_rpc(workers, refs, version, deadline, too_slow)
-        return n_bytes, restarted, None
-
-
-@dataclass
-class SyncFailure(Exception):
-    """What went wrong in one collective attempt: workers that did not answer (hung), died, failed."""
-    phase: str
-    hung: list = field(default_factory=list)
-    dead: list = field(default_factory=list)
-    failed: list = field(default_factory=list)
-    cause: str = ""
+    def _attempt(self, learners, workers: list, version: int) -> tuple[int, None]:
+        self.kept = (version, self._bucket_refs(learners, version))
+        return self._load(workers, self.kept[1], version)
 
 
 class CollectiveSync(WeightSync):
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, parity_probe: dict | None = None):
+        super().__init__(cfg, parity_probe)
         self.members: list = []  # the workers the current group was built for, in rank order
         self.sender = None       # and its learner rank 0 (a restarted learner group needs a new group)
         self.epoch = 0
         self.plan: list | None = None
 
-    def _push(self, learners, workers: list, version: int) -> tuple[int, int, int]:
-        restarted = 0
-        for attempt in range(2):
-            try:
-                n_bytes, refs, built = self._attempt(learners, workers, version)
-                self.kept = (version, refs)
-                return n_bytes, restarted, built
-            except SyncFailure as failure:
-                self.members = []  # whatever happened, the next attempt builds a new group
-                names = [[workers.index(w) for w in ws] for ws in (failure.hung, failure.dead, failure.failed)]
-                message = (f"weight sync to version {version} ({failure.phase}): rollout workers {names[0]} did not "
-                           f"answer within {self.cfg.cluster.sync_timeout_s:.0f} s (cluster.sync_timeout_s: hung), "
-                           f"{names[1]} died, {names[2]} failed" + (f"; {failure.cause}" if failure.cause else ""))
-                if attempt == 1:
-                    raise RuntimeError(message + "; gave up after restarting and sending again once") from None
-                log.error("%s; restarting the hung and dead workers and sending again", message)
-                self._restart(failure.hung + failure.dead)
-                restarted += len(failure.hung) + len(failure.dead)
-        raise AssertionError("unreachable")
-
-    def _attempt(self, learners, workers: list, version: int) -> tuple[int, list | None, int]:
+    def _attempt(self, learners, workers: list, version: int) -> tuple[int, int]:
         c = self.cfg.cluster
         deadline = time.monotonic() + c.sync_timeout_s
         epochs = self._answers(workers, [w.weight_group_epoch.remote() for w in workers], deadline, "membership")
-        built = 0
-        if self.members != workers or self.sender is not learners.ranks[0] or any(e != self.epoch for e in epochs):
+        built = self.members != workers or self.sender is not learners.ranks[0] or any(e != self.epoch for e in epochs)
+        if built:
             self._build_group(learners, workers, deadline)
-            built = 1
         bucket_bytes, keep = c.sync_bucket_mb << 20, self.cfg.rollout.off_policy
         if self.plan is None:
             self.plan = ray.get(learners.ranks[0].weight_plan.remote(bucket_bytes), timeout=c.call_timeout_s)
         receives = [w.receive_weights.remote(self.plan, version) for w in workers]
         streams = [r.broadcast_weights.options(num_returns="streaming").remote(bucket_bytes, keep)
                    for r in learners.ranks]
-        too_slow = sync_timeout(version, c.sync_timeout_s, "learner rank 0")
         items, sent, cause = [], [], ""
         try:
-            items = list(stream_refs(streams[0], deadline, too_slow))
+            items = drain(streams, deadline, sync_timeout(version, c.sync_timeout_s, "learner rank 0"))
             sent = ray.get(items[::2] if keep else items, timeout=c.call_timeout_s)
-            for other in streams[1:]:
-                for ref in stream_refs(other, deadline, too_slow):
-                    ray.get(ref)
         except RayTaskError as exc:  # the sender's collective failed: a receiver hung or died
-            cause = f"learner rank 0: {str(exc).strip().splitlines()[-1][:300]}"
+            cause = f"learner rank 0: {last_line(exc)}"
         received = self._answers(workers, receives, deadline, "broadcast", cause=cause)
         self._compare_checksums(sent, received, version)
+        self.kept = (version, items[1::2] if keep else None)
         n_bytes = sum(slot.nbytes for bucket in self.plan for slot in layout(bucket)[0])  # tensors, not padding
-        return n_bytes, (items[1::2] if keep else None), built
+        return n_bytes, int(built)
 
     def _build_group(self, learners, workers: list, deadline: float) -> None:
         c, tp = self.cfg.cluster, self.cfg.rollout.tensor_parallel_size
@@ -334,32 +321,33 @@ class CollectiveSync(WeightSync):
                         f"{bad} with checksums other than learner rank 0 sent (first: {names[:3]}...)")
 
     def _answers(self, workers: list, refs: list, deadline: float, phase: str, sender=None, cause: str = "") -> list:
-        """Every worker's result, or SyncFailure naming who did not answer by ``deadline`` (hung), died or
-        raised; the sender's failure (``sender``: learner rank 0's call) is included in the cause."""
+        """Every worker's result, or a SyncFailure naming who did not answer by ``deadline`` (hung), died or
+        raised, with the failure of ``sender`` (learner rank 0's call) as its cause; then a new group is due."""
         ray.wait(refs + ([sender] if sender else []), num_returns=len(refs) + bool(sender),
                  timeout=max(0.0, deadline - time.monotonic()))
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        results, hung, dead, failed = [], [], [], []
+        results, failure = [], SyncFailure(phase, cause=cause)
         for worker, ref in zip(workers, refs):
             if ref not in ready:
-                hung.append(worker)
+                failure.hung.append(worker)
                 continue
             try:
                 results.append(ray.get(ref))
             except RayActorError:
-                dead.append(worker)
+                failure.dead.append(worker)
             except RayTaskError as exc:
-                failed.append(worker)
-                cause = cause or str(exc).strip().splitlines()[-1][:300]
+                failure.failed.append(worker)
+                failure.cause = failure.cause or last_line(exc)
         if sender is not None:
             try:
                 ray.get(sender, timeout=max(0.0, deadline - time.monotonic()))
             except (RayTaskError, GetTimeoutError) as exc:
-                cause = cause or f"learner rank 0: {str(exc).strip().splitlines()[-1][:300]}"
-        if hung or dead or failed or cause:
-            raise SyncFailure(phase, hung, dead, failed, cause)
+                failure.cause = failure.cause or f"learner rank 0: {last_line(exc)}"
+        if failure.hung or failure.dead or failure.failed or failure.cause:
+            self.members = []
+            raise failure
         return results
 
 
-def make_weight_sync(cfg) -> WeightSync:
-    return CollectiveSync(cfg) if cfg.rollout.weight_sync == "collective" else RpcSync(cfg)
+def make_weight_sync(cfg, parity_probe: dict | None = None) -> WeightSync:
+    return (CollectiveSync if cfg.rollout.weight_sync == "collective" else RpcSync)(cfg, parity_probe)

@@ -1,4 +1,5 @@
-"""Turns (prompt, image, response tokens) samples into padded model inputs, and logits into token logprobs.
+"""Turns (prompt, image, response tokens) samples into padded model inputs (logits into token logprobs:
+learner/logprobs.py).
 
 Layout of a micro-batch: prompts are LEFT-padded and responses RIGHT-padded, so every prompt ends at
 the same column P and response token j of every row sits at column P + j:
@@ -19,7 +20,6 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from policy.sampling import SamplingRule, entropy_of
 from trajectory import LearnerSequence
 
 log = logging.getLogger(__name__)
@@ -174,18 +174,3 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device
     answers = module(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions[:, :, P:],
                      past_key_values=cache, use_cache=True, logits_to_keep=0)
     return torch.cat([prompt.logits[rows], answers.logits], dim=1)
-
-
-def token_logprobs(logits: Tensor, targets: Tensor, rule: SamplingRule | None = None,
-                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """logits [B, R + 1, V] (the last R + 1 positions), targets [B, R] -> logp [B, R] (, entropy [B, R]).
-
-    z = rule.apply(logits[:, :-1]) (fp32): the sampled distribution's processed logits z / T
-        (policy/sampling.py); rule None: the raw model, T = 1 (warm start, parity probe)
-    logp_t = z[t, y_t] - logsumexp(z[t])
-    H_t = logsumexp(z[t]) - sum_v softmax(z[t])_v * z[t, v]
-    """
-    z = logits[:, :-1].float() if rule is None else rule.apply(logits[:, :-1])
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return logp, (entropy_of(z, lse) if with_entropy else None)

@@ -8,7 +8,8 @@ import deepspeed
 import torch
 
 from config import Config
-from learner.batch import image_features, image_pixels, model_inputs, shared_prompt_logits, token_logprobs
+from learner.batch import image_features, image_pixels, model_inputs, shared_prompt_logits
+from learner.logprobs import head_logprobs, hidden_out, token_logprobs
 from policy.sampling import SamplingRule
 
 
@@ -20,6 +21,7 @@ def hf_model(module):
 class Forward:
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, rule: SamplingRule):
         self.zero3, self.shared_prompt = cfg.learner.zero_stage == 3, cfg.learner.shared_prompt
+        self.chunk_tokens = cfg.learner.logprob_chunk_tokens
         self.device, self.dtype, self.rule = device, dtype, rule
 
     def features(self, module, batch: dict, cache: dict) -> tuple[torch.Tensor, ...] | None:
@@ -55,13 +57,21 @@ class Forward:
         """Token logprobs [B, R] (and entropies) of the micro-batch's responses: under the distribution
         vLLM samples from (``sampled``), else under the raw model at T = 1 (the warm start; the parity
         probe, against vLLM's prompt logprobs). ``features``: ``features(module, ...)``; None: the tower
-        runs inside this forward, on each distinct image (shared prompt) or on each row's."""
+        runs inside this forward, on each distinct image (shared prompt) or on each row's. With
+        learner.logprob_chunk_tokens the model hands out its final hidden states and the logprobs are
+        computed from them chunk by chunk (learner/logprobs.py)."""
         hf = hf_model(module)
+        targets, rule = batch["response_ids"].to(self.device), self.rule if sampled else None
+        if not self.chunk_tokens:
+            return token_logprobs(self._outputs(module, hf, batch, features), targets, rule, with_entropy)
+        with hidden_out(hf) as head:
+            hidden = self._outputs(module, hf, batch, features)
+        return head_logprobs(hidden, head, targets, rule, with_entropy, self.chunk_tokens)
+
+    def _outputs(self, module, hf, batch: dict, features: tuple | None) -> torch.Tensor:
+        """The model's outputs at the last R + 1 positions: logits, or hidden states inside ``hidden_out``."""
         # transformers' checkpointed layers drop a cache passed to them while training
         checkpointed = hf.training and getattr(hf, "is_gradient_checkpointing", False)
         if self.shared_prompt and not checkpointed:
-            logits = shared_prompt_logits(module, hf, batch, features, self.device, self.dtype)
-        else:
-            logits = module(**model_inputs(batch, self.device, self.dtype, features)).logits
-        return token_logprobs(logits, batch["response_ids"].to(self.device), self.rule if sampled else None,
-                              with_entropy)
+            return shared_prompt_logits(module, hf, batch, features, self.device, self.dtype)
+        return module(**model_inputs(batch, self.device, self.dtype, features)).logits

@@ -68,10 +68,21 @@ class SamplingRule:
             z = z.masked_fill(mask, float("-inf"))
         return z / self.temperature if self.temperature != 1.0 else z
 
+    def apply_(self, z, first_position: int = 0):
+        """``apply`` in place, on fp32 logits z [B, R, V] outside autograd (learner/logprobs.py)."""
+        if self.banned_ids:
+            z[..., list(self.banned_ids)] += BANNED_BIAS
+        suppressed = max(0, min(self.min_new_tokens - first_position, z.shape[-2]))
+        if suppressed and self.stop_ids:
+            z[:, :suppressed, list(self.stop_ids)] = float("-inf")
+        return z.div_(self.temperature) if self.temperature != 1.0 else z
+
 
 def entropy_of(z, lse):
-    """H = lse - sum_v softmax(z)_v z_v, with -inf logits contributing 0 (not 0 * -inf = nan)."""
+    """H = lse - sum_v softmax(z)_v z_v, with -inf logits (stop tokens before min_new_tokens) contributing 0,
+    in value and in gradient: they are zeroed before the product (masking the product afterwards would
+    still send 0 * -inf = nan into backward, and through learner.entropy_coef into every weight)."""
     import torch
 
     p = torch.exp(z - lse.unsqueeze(-1))
-    return lse - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+    return lse - (p * torch.where(torch.isinf(z), torch.zeros_like(z), z)).sum(-1)

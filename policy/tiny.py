@@ -275,7 +275,7 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
                       layers: int = 2, heads: int = 2, vision_hidden_size: int = 64,
                       vision_layers: int = 1, seed: int = 0, number_code: bool = False,
                       position_reader: bool = False, intermediate_size: int | None = None,
-                      kv_heads: int | None = None) -> Path:
+                      kv_heads: int | None = None, vocab_size: int | None = None) -> Path:
     """Writes config, random weights (safetensors), tokenizer, processor and chat template to out_dir.
 
     number_code: initialise the number tokens' input and output embeddings with a Fourier code of their
@@ -286,16 +286,13 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     needs vision_hidden_size >= 80 and layers >= 2.
     intermediate_size, kv_heads: the MLP width (default 2 x hidden_size) and key/value heads (default
     ``heads``), for policies shaped like a real Qwen2.5-VL (benchmarks/weight_sync.py).
+    vocab_size: embedding and LM-head rows (at least the tokenizer's), e.g. Qwen's 151,936, for the
+    learner's cost at a real vocabulary (benchmarks/learner_step.py --vocab); the extra rows are never
+    produced by the tokenizer.
     Idempotent: an existing complete directory built with the same settings is reused.
     """
     import torch
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
     settings = dict(image_size=image_size, hidden_size=hidden_size, layers=layers, heads=heads,
@@ -306,6 +303,8 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
         settings["position_reader"] = 2  # 2: with the colour grounding heads (older directories are rebuilt)
     if intermediate_size or kv_heads:
         settings.update(intermediate_size=intermediate_size, kv_heads=kv_heads)
+    if vocab_size:
+        settings["vocab_size"] = vocab_size
     marker = out / "tiny_policy.json"
     if marker.exists() and json.loads(marker.read_text()) == settings and (out / "model.safetensors").exists():
         return out
@@ -316,7 +315,10 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         model_max_length=32768, clean_up_tokenization_spaces=False)
     ids = {t: backend.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
-    config = tiny_config(ids, (backend.get_vocab_size() + 63) // 64 * 64, hidden_size, layers, heads,
+    rows = (backend.get_vocab_size() + 63) // 64 * 64
+    if vocab_size is not None and vocab_size < rows:
+        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {rows} rows")
+    config = tiny_config(ids, vocab_size or rows, hidden_size, layers, heads,
                          vision_hidden_size, vision_layers, intermediate_size, kv_heads)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
@@ -330,6 +332,15 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
 
+    save_processor(out, tokenizer, image_size)
+    marker.write_text(json.dumps(settings))
+    return out
+
+
+def save_processor(out: Path, tokenizer, image_size: int) -> None:
+    """The processor (image and video processors at a fixed size, the chat template) and the tokenizer."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     pixels = image_size * image_size  # min = max: the processor never resizes our pre-resized images
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
                                             merge_size=2, temporal_patch_size=2)
@@ -339,8 +350,6 @@ def build_tiny_policy(out_dir: str | Path, *, image_size: int = 112, hidden_size
     processor.save_pretrained(out)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
-    marker.write_text(json.dumps(settings))
-    return out
 
 
 def tiny_config(ids: dict, vocab_size: int, hidden_size: int, layers: int, heads: int, vision_hidden_size: int,

@@ -162,12 +162,9 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Loads one bucket of HF-named tensors into vLLM; returns its size in bytes.
-
-        The first bucket after a commit opens an update; generating before ``commit_weights``
-        is not allowed. Within one update every decoder layer must get all of its tensors or
-        none (see weight_sync/vllm_receiver.py); any split of the model into buckets is fine.
-        """
+        """Loads one bucket of HF-named tensors into vLLM (the first after a commit opens an update
+        session, weight_sync/vllm_receiver.py); returns its size in bytes. No generating before
+        ``commit_weights``."""
         if not self._update_open:
             self.llm.collective_rpc("begin_weight_load")
             self._update_open = True
@@ -176,15 +173,12 @@ class RolloutWorker:
         return n_bytes
 
     def commit_weights(self, version: int) -> int:
-        """Ends the update and drops every cache computed with the old weights: prefix (KV)
-        cache, encoder cache (a stale one silently reuses old image embeddings, or fails with
-        "Encoder cache miss") and multimodal processor cache. Returns the new weight version."""
+        """Ends the update and drops every cache computed with the old weights: prefix (KV), encoder (a
+        stale one reuses old image embeddings) and multimodal processor caches. Returns ``version``."""
         if self._update_open:
             self.llm.collective_rpc("end_weight_load", args=(version,))
             self._update_open = False
-        self._reset_caches()
-        self.weight_version = version
-        return version
+        return self._serve(version)
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> int:
         """load_weights for every bucket, then commit_weights(version); returns the bytes loaded."""
@@ -196,9 +190,8 @@ class RolloutWorker:
 
     def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
                           epoch: int) -> None:
-        """rollout.weight_sync=collective: this engine's vLLM worker processes join the broadcast group
-        (weight_sync/group.py) as ranks rank_offset .. rank_offset + tensor_parallel_size - 1. Blocks
-        until every member joined: the driver calls every member at once."""
+        """Every vLLM worker process joins the broadcast group (ranks rank_offset + TP rank); blocks until
+        every member joined."""
         self.llm.collective_rpc("join_weight_group", args=(address, port, rank_offset, world_size, timeout_s, epoch))
 
     def weight_group_epoch(self) -> int | None:
@@ -207,22 +200,23 @@ class RolloutWorker:
         return epochs.pop() if len(epochs) == 1 else None
 
     def receive_weights(self, plan: list, version: int) -> list[list[int]]:
-        """One whole update from the broadcast group (learner rank 0 sends ``plan``'s buckets at the
-        same time), then the caches are dropped as in ``commit_weights``. Returns each vLLM worker
-        process's checksums of the buckets it received, for the driver to compare with the sender's."""
+        """One whole update from the broadcast group, then the caches dropped as in ``commit_weights``.
+        Returns each vLLM worker process's bucket checksums, for the driver to compare with the sender's."""
         if self._update_open:
             raise RuntimeError("receive_weights: an RPC weight update is open")
         start = time.perf_counter()
         sums = self.llm.collective_rpc("receive_weights", args=(plan, version))
-        self._reset_caches()
-        self.weight_version = version
+        self._serve(version)
         log.info("weights v%d received from the broadcast group in %.2f s", version, time.perf_counter() - start)
         return sums
 
-    def _reset_caches(self) -> None:
+    def _serve(self, version: int) -> int:
+        """From now on answers come from ``version``: the caches computed with the old weights go."""
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
+        self.weight_version = version
+        return version
 
 
 def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:

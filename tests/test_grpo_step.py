@@ -211,6 +211,22 @@ def test_answers_staler_than_the_mode_allows_stop_the_run():
         step(job, 1)
 
 
+@pytest.mark.parametrize("learner_metrics, message", [
+    ({"loss": float("nan")}, "not finite"),
+    ({"loss": 0.5, "grad_norm": float("inf")}, "not finite"),
+    ({"loss": 0.5, "tokens_current": 40, "logprob_drift_current": float("nan")}, "differ from vLLM's by nan"),
+    ({"loss": 0.5, "tokens_current": 40, "logprob_drift_current": 0.2}, "differ from vLLM's by 0.2"),
+])
+def test_a_non_finite_update_or_a_drift_past_the_bound_stops_the_run(learner_metrics, message):
+    job = make_job(distinct)
+    job.learners.train_step = lambda batch, while_waiting=None: {"tokens": 4, "trained_seqs": 4, **learner_metrics}
+    with pytest.raises(InvariantError, match=message):
+        step(job, 1)
+    job.learners.train_step = lambda batch, while_waiting=None: {"loss": 0.5, "grad_norm": 1.0, "tokens": 4,
+                                                                 "tokens_current": 40, "logprob_drift_current": 1e-6}
+    step(job, 2)  # a finite update within the bound goes on
+
+
 def _groups():
     groups, _ = make_groups([sample("a"), sample("b")], 3, set())
     for g, totals in zip(groups, ([0.0, 1.0], [5.0, 2.0])):

@@ -197,7 +197,8 @@ def test_grouped_paths_give_the_per_row_logprobs_and_gradients(policy_dir, path)
     transformers' own per-row forward (pixel values and whole prompt per row)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from learner.batch import MODEL_KEYS, collate, image_features, model_inputs, shared_prompt_logits, token_logprobs
+    from learner.batch import MODEL_KEYS, collate, image_features, model_inputs, shared_prompt_logits
+    from learner.logprobs import token_logprobs
 
     model = AutoModelForImageTextToText.from_pretrained(str(policy_dir))
     processor = AutoProcessor.from_pretrained(str(policy_dir))

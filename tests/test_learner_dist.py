@@ -40,7 +40,9 @@ def _rank_main(rank, world_size, port, policy_dir, out_dir):
     result = {}
 
     # ---- ZeRO-3: gradients of one GRPO step, captured just before the optimizer consumes them.
-    zero3 = ll.Learner(learner_config(3), policy_dir, rank, world_size, master_port=port)
+    # Logprobs in chunks of 8 tokens: the partitioned LM head is gathered once per chunk, and again
+    # per chunk as backward recomputes it; the plain-PyTorch comparison uses the whole logits.
+    zero3 = ll.Learner(learner_config(3, logprob_chunk_tokens=8), policy_dir, rank, world_size, master_port=port)
     grads = {}
     real_step = zero3.engine.step
 
@@ -96,7 +98,7 @@ def _rank_main(rank, world_size, port, policy_dir, out_dir):
     zero3 = None  # freed before the ZeRO-2 engine starts
 
     # ---- ZeRO-2 on the same ranks: whole-batch metrics must not depend on the split either.
-    learner2 = ll.Learner(learner_config(2), policy_dir, rank, world_size, master_port=port)
+    learner2 = ll.Learner(learner_config(2, logprob_chunk_tokens=8), policy_dir, rank, world_size, master_port=port)
     result["metrics2"] = learner2.train_step(LearnerBatch(shard, num_tokens, num_seqs))
     del learner2
     torch.save(result, os.path.join(out_dir, f"world{world_size}_rank{rank}.pt"))
@@ -144,8 +146,9 @@ def test_two_ranks_zero3_give_the_gradient_of_one_rank(runs):
 def test_one_rank_zero3_gradient_equals_plain_pytorch(runs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from learner.batch import MODEL_KEYS, collate, token_logprobs
+    from learner.batch import MODEL_KEYS, collate
     from learner.grpo import policy_loss
+    from learner.logprobs import token_logprobs
     from policy.sampling import SamplingRule
 
     policy_dir, _, one, _, _ = runs

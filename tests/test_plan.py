@@ -43,6 +43,18 @@ def test_seven_b_numbers():
     assert plan.other["checkpoint bytes"] == 12 * 8_292_166_656  # ZeRO-3: fp32 master + Adam
 
 
+def test_the_logits_term_is_one_chunk_of_the_vocabulary():
+    """learner.logprob_chunk_tokens: one chunk's fp32 logits (x 3: log-softmax, gradient) at Qwen's
+    vocabulary; 0, the whole micro-batch's."""
+    cfg = recipe("segzero_7b")
+    tokens, vocab = cfg.learner.micro_batch_size * cfg.rollout.max_new_tokens, 152_064  # Qwen2.5-VL-7B's rows
+    assert tokens > cfg.learner.logprob_chunk_tokens > 0
+    chunked = make_plan(cfg, cfg.model.policy_path, 8).learner["logits (one micro-batch)"]
+    assert chunked == cfg.learner.logprob_chunk_tokens * vocab * 4 * 3
+    whole = make_plan(recipe("segzero_7b", ["learner.logprob_chunk_tokens=0"]), cfg.model.policy_path, 8)
+    assert whole.learner["logits (one micro-batch)"] == tokens * vocab * 4 * 3
+
+
 @pytest.mark.parametrize("overrides, problem", [
     (["cluster.learner_ranks=1", "cluster.rollout_workers=7"], "a learner GPU needs"),  # 7B unsharded: ~150 GB
     (["rollout.max_model_len=900"], "no prompt fits"),

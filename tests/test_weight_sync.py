@@ -1,6 +1,6 @@
 """Weight sync on a real local Ray with real Learner actors (tiny policy, two ZeRO-3 ranks, started by
 cluster.learners.LearnerGroup as a job does): cluster.weight_sync's bucket_refs + push_weights, and
-RolloutGroup.sync_from / resync over both paths.
+RolloutGroup.sync_from and WeightSync.resync over both paths.
 
 The receivers are recording actors with RolloutWorker's weight interface (load_weights(bucket) ->
 bytes, commit_weights(version) -> version; for rollout.weight_sync=collective also join_weight_group,
@@ -237,7 +237,7 @@ def test_resync_serves_the_synced_version_without_the_busy_learner(learners, rec
     learners.sft_step(LearnerBatch([LearnerSequence(chat_prompt("the red circle"), image, [5, 6, 7])] * 2))
     gate = Gate.remote()
     busy = [r.__ray_call__.remote(lambda self, g: ray.get(g.wait.remote()), gate) for r in learners.ranks]
-    group.resync(b)  # returns while every learner rank is busy: it never waits behind the learner
+    group.sync.resync(b)  # returns while every learner rank is busy: it never waits behind the learner
     assert ray.wait(busy, timeout=0)[0] == []
     received = [(n, t) for bucket in ray.get(b.received.remote()) for n, t in bucket]
     assert [n for n, _ in received] == [n for n, _ in synced]
@@ -355,7 +355,7 @@ def test_collective_sync_membership_restart_and_scaling(learners, members, check
 
     # Scale-up: c gets version 13 over RPC at once (from the idle learner), and joins at the next sync.
     group.workers.append(c)
-    group.resync(c)
+    group.sync.resync(c)
     assert ray.get(c.state.remote())[0] == 13 and ray.get(c.weight_group_epoch.remote()) is None
     fourth = group.sync_from(learners, version=14)
     assert fourth["sync/group_rebuilds"] == 1

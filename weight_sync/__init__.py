@@ -19,10 +19,9 @@
   (``buckets.layout``/``pack``/``unpack``) and its ``checksum`` is computed by the sender and by every
   receiving process; the driver compares them before the engine generates.
 
-Two paths (``rollout.weight_sync``): ``rpc``, every bucket put once in Ray's object store and loaded by
-each rollout worker; ``collective``, one broadcast group (gloo on CPU, NCCL on GPU) from learner rank
-0 into every vLLM worker process (``group.WeightGroup``). The pieces here are plain Python: the
-learner's side (``sender.WeightSender``), the engine's side (``vllm_receiver.WeightSyncExtension``,
-mixed into vLLM's worker) and what both share (``buckets``, ``group``). The driver's side, which
-needs Ray, is cluster/weight_sync.py.
+Two paths (``rollout.weight_sync``): ``rpc``, every bucket put once in Ray's object store and loaded
+by each rollout worker; ``collective``, one broadcast group (gloo on CPU, NCCL on GPU) from learner
+rank 0 into every vLLM worker process. Here, plain Python: the learner's side (``sender``), the
+engine's (``vllm_receiver``, mixed into vLLM's worker), what both share (``buckets``, ``group``). The
+driver's side, which needs Ray, is cluster/weight_sync.py.
 """

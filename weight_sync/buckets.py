@@ -1,13 +1,9 @@
-"""Names, buckets and byte layouts of synced weights (the contract: weight_sync/__init__.py).
-
-``layout`` places every tensor of a bucket at a 64-byte aligned offset of one flat buffer padded to
-whole 4 KiB pages; ``pack`` fills it on the sender, ``unpack`` gives the receiver views into it (no
-copy); ``checksum`` is position-sensitive integer arithmetic, equal on every device.
-"""
+"""Names, buckets and byte layouts of synced weights (the contract: weight_sync/__init__.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -53,8 +49,7 @@ def plan_buckets(params: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> l
     return buckets
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -63,7 +58,8 @@ class Slot:
 
 
 def layout(bucket: BucketPlan) -> tuple[list[Slot], int]:
-    """Where each tensor of a bucket lies in its flat buffer, and the buffer's size in bytes."""
+    """Where each tensor of a bucket lies in its flat buffer (64-byte aligned offsets), and the buffer's
+    size in bytes (whole 4 KiB pages)."""
     slots, offset = [], 0
     for name, dtype_name, shape in bucket:
         dtype = getattr(torch, dtype_name)
@@ -86,14 +82,13 @@ def pack(tensors: list[tuple[str, torch.Tensor]], slots: list[Slot], size: int, 
 
 
 def unpack(buffer: torch.Tensor, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) views into a received buffer."""
+    """(name, tensor) views into a received buffer (no copy)."""
     return [(s.name, buffer[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)) for s in slots]
 
 
 def checksum(buffer: torch.Tensor) -> int:
-    """A cheap position-sensitive checksum of a page-padded buffer, on its own device: the int32 words
-    summed per 4 KiB page, each page sum weighted by its index + 1. Integer arithmetic (wrapping in
-    int64), so the sender's and every receiver's value agree exactly on any device."""
+    """Position-sensitive checksum of a page-padded buffer on its own device: per-page int32 sums weighted
+    by page index + 1, in wrapping int64 arithmetic, so sender and receivers agree exactly on any device."""
     pages = buffer.view(torch.int32).view(-1, PAGE // 4).sum(dim=1, dtype=torch.int64)
     weights = torch.arange(1, pages.numel() + 1, dtype=torch.int64, device=buffer.device)
     return int((pages * weights).sum())
@@ -101,12 +96,8 @@ def checksum(buffer: torch.Tensor) -> int:
 
 def to_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
     """A bucket as a safetensors blob: what crosses into vLLM's own processes, whose RPC carries no tensors."""
-    from safetensors.torch import save
-
-    return save({name: t.detach().to("cpu").contiguous() for name, t in bucket})
+    return safetensors.torch.save({name: t.detach().to("cpu").contiguous() for name, t in bucket})
 
 
 def from_bytes(blob: bytes) -> list[tuple[str, torch.Tensor]]:
-    from safetensors.torch import load
-
-    return list(load(bytes(blob)).items())
+    return list(safetensors.torch.load(bytes(blob)).items())

@@ -1,15 +1,7 @@
-"""The weight broadcast group: learner rank 0 sends, every vLLM worker process receives (gloo or NCCL).
-
-One code path for CPU and GPU: the group is a torch ``ProcessGroupGloo`` or ``ProcessGroupNCCL`` built
-directly on its own ``TCPStore`` (a stateless group: torch.distributed's default group, which DeepSpeed
-and vLLM each use in their own processes, is not touched). Only the constructor depends on the device.
-
-    rank 0                                 learner rank 0 (the sender; TCPStore server)
-    ranks 1 + i*TP .. i*TP + TP            rollout worker i's vLLM worker processes (TP ranks)
-
-A sync sends the model as buckets, each as ONE flat byte buffer in ONE collective (weight_sync/buckets.py:
-``layout``, ``pack``, ``unpack``, ``checksum``), so a corrupted or misaligned bucket (e.g. a buffer read
-before its transfer finished) is caught before the engine generates with it.
+"""The weight broadcast group: learner rank 0 (group rank 0, the store's server) sends, rollout worker
+i's vLLM processes (ranks 1 + i*TP ..) receive; each bucket is one flat byte buffer in one collective.
+A stateless group on its own ``TCPStore`` (torch.distributed's default group, which DeepSpeed and vLLM
+use in their own processes, is untouched): ``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on GPU.
 """
 from __future__ import annotations
 
@@ -37,12 +29,11 @@ class WeightGroup:
             self.group = dist.ProcessGroupNCCL(self.store, rank, world_size, options)
         else:
             self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
-        self.rank, self.world_size, self.epoch, self.device = rank, world_size, epoch, device
-        self.timeout = timeout
+        self.rank, self.world_size, self.epoch, self.device, self.timeout = rank, world_size, epoch, device, timeout
 
     def broadcast(self, buffer: torch.Tensor) -> None:
-        """Rank 0's buffer into every member's; raises when it does not finish within the group's timeout
-        (a member that hangs or died), which makes this group unusable: the driver builds a new one."""
+        """Rank 0's buffer into every member's; past the group's timeout (a member hung or died) it raises
+        and the group is unusable: the driver builds a new one."""
         self.group.broadcast(buffer, 0).wait(self.timeout)
         if buffer.is_cuda:
             torch.cuda.current_stream(buffer.device).synchronize()

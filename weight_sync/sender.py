@@ -1,14 +1,11 @@
-"""The learner's side of weight sync: its weights as named buckets, gathered under ZeRO-3 one bucket
-at a time, and the broadcast into the group (the contract: weight_sync/__init__.py).
+"""The learner's side: its weights as named buckets, gathered under ZeRO-3 one bucket at a time, and
+the broadcast into the group. Every call that gathers is collective over the learner ranks; only rank
+0 sends or yields tensors.
 
-    sender = WeightSender(model, zero_stage=3, rank=r, device=device)
-    sender.plan(bucket_bytes)              # [BucketPlan]: what a receiver must know, nothing gathered
-    for bucket in sender.buckets(bucket_bytes): ...   # rank 0: [(name, tensor)]; other ranks: []
-    sender.join(address, port, world_size, timeout_s, epoch)      # rank 0 only is a member
-    for item in sender.broadcast(bucket_bytes, keep=False): ...   # rank 0 yields each bucket's checksum
-
-Every call that gathers is collective over the learner ranks (ZeRO-3: each bucket's parameters are
-gathered on all of them); only rank 0 sends or receives tensors.
+    sender.plan(bucket_bytes)                       # [BucketPlan], nothing gathered
+    for bucket in sender.buckets(bucket_bytes): ... # rank 0: [(name, tensor)]; other ranks: []
+    sender.join(address, port, world_size, timeout_s, epoch)       # rank 0 joins the group
+    for item in sender.broadcast(bucket_bytes, keep): ...          # rank 0: each bucket's checksum
 """
 from __future__ import annotations
 
@@ -23,6 +20,10 @@ from weight_sync.buckets import BucketPlan, checkpoint_names, full_shape, plan_b
 from weight_sync.group import WeightGroup
 
 
+def copies(bucket: list[tuple[str, torch.Tensor]], device) -> list[tuple[str, torch.Tensor]]:
+    return [(name, t.detach().to(device, copy=True).contiguous()) for name, t in bucket]
+
+
 class WeightSender:
     def __init__(self, model: nn.Module, zero_stage: int, rank: int, device: torch.device):
         self.model, self.zero3, self.rank, self.device = model, zero_stage == 3, rank, device
@@ -33,8 +34,7 @@ class WeightSender:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
 
     def plan(self, bucket_bytes: int, trainable_only: bool = True) -> list[BucketPlan]:
-        """The buckets ``buckets`` and ``broadcast`` send, as (HF name, dtype name, full shape), without
-        gathering anything. Local, not collective."""
+        """The buckets ``buckets`` and ``broadcast`` send, as (HF name, dtype name, full shape). Local."""
         return [[(self.names[n], str(p.dtype).removeprefix("torch."), list(full_shape(p))) for n, p in bucket]
                 for bucket in plan_buckets(self.params(trainable_only), bucket_bytes)]
 
@@ -44,23 +44,15 @@ class WeightSender:
         from deepspeed.runtime.zero import GatheredParameters
 
         for bucket in plan_buckets(self.params(trainable_only), bucket_bytes):
-            if self.zero3:
-                with GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                    yield self._named(bucket)
-            else:
-                yield self._named(bucket)
-
-    def _named(self, bucket: list[tuple[str, nn.Parameter]]) -> list[tuple[str, torch.Tensor]]:
-        return [(self.names[n], p.data) for n, p in bucket] if self.rank == 0 else []
+            with GatheredParameters([p for _, p in bucket], modifier_rank=None, enabled=self.zero3):
+                yield [(self.names[n], p.data) for n, p in bucket] if self.rank == 0 else []
 
     def buckets(self, bucket_bytes: int, trainable_only: bool = True,
                 device: str | torch.device = "cpu") -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Lists of (HF name, tensor) of about bucket_bytes each, in module order: detached, contiguous
-        copies on ``device`` (rank 0; other ranks get one empty list per bucket). Collective."""
+        """``plan``'s buckets as (HF name, tensor) copies on ``device`` (rank 0; other ranks: [] each)."""
         for bucket in self._gathered(bucket_bytes, trainable_only):
-            yield [(name, t.detach().to(device, copy=True).contiguous()) for name, t in bucket]
+            yield copies(bucket, device)
 
-    # -- the broadcast group (weight_sync/group.py) --------------------------------------------------
     @staticmethod
     def group_address() -> tuple[str, int]:
         """(this node's address, a free port) for the broadcast group's store, which rank 0 serves."""
@@ -76,11 +68,9 @@ class WeightSender:
             self.group = WeightGroup(address, port, 0, world_size, timeout_s, epoch, self.device)
 
     def broadcast(self, bucket_bytes: int, keep: bool = False) -> Iterator:
-        """Sends the trainable weights to the group, bucket by bucket (``plan`` order). Rank 0 yields each
-        bucket's checksum, and with ``keep`` then the bucket itself as (name, tensor) on the host (the
-        driver keeps those to resync a restarted worker without the learner); other ranks yield nothing.
-        A failed broadcast (a member hung or died) drops the group and raises, after rank 0 has still
-        taken part in every gather (no rank is left waiting)."""
+        """The trainable weights to the group in ``plan`` order: rank 0 yields each bucket's checksum, and
+        with ``keep`` then the bucket on the host (the driver's copy for resync). A failed broadcast drops
+        the group and raises after rank 0 took part in every gather (no rank is left waiting)."""
         if self.rank == 0 and self.group is None:
             raise RuntimeError("broadcast_weights: learner rank 0 is in no broadcast group")
         plan, error = self.plan(bucket_bytes), None
@@ -94,6 +84,6 @@ class WeightSender:
                 continue
             yield total
             if keep:
-                yield [(name, t.detach().to("cpu", copy=True).contiguous()) for name, t in tensors]
+                yield copies(tensors, "cpu")
         if error is not None:
             raise error
