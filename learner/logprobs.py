@@ -41,46 +41,48 @@ def token_logprobs(logits: Tensor, targets: Tensor, rule: SamplingRule | None = 
 FLOOR = -1e30  # stands for -inf: exp(FLOOR - lse) is 0 in fp32, and FLOOR x any gradient stays finite
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, rule: SamplingRule | None, first: int) -> Tensor:
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rule: SamplingRule | None,
+                  first: int) -> Tensor:
     """Processed fp32 logits z [B, c, V] of hidden [B, c, H] at response positions first .., with -inf
     (suppressed stop tokens) raised to FLOOR: p is 0 there either way, and 0 x z stays 0 in the entropy
     and its gradient (0 x -inf would be nan)."""
-    z = (hidden @ weight.T).float()
+    z = torch.nn.functional.linear(hidden, weight, bias).float()
     if rule is not None:
         rule.apply_(z, first)
     return z.clamp_(min=FLOOR)
 
 
 class HeadLogprobs(torch.autograd.Function):
-    """(logp, H) [B, R, 2] of hidden [B, R, H] through an LM head without bias (weight [V, H])."""
+    """(logp, H) [B, R, 2] of hidden [B, R, H] through an LM head (weight [V, H], bias [V] or None)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rule, chunk_tokens, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, rule, chunk_tokens, with_entropy):
         B, R = targets.shape
         step = max(1, chunk_tokens // B)
         out = torch.zeros(B, R, 2, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(B, R, dtype=torch.float32, device=hidden.device)
         for j in range(0, R, step):
-            z = _chunk_logits(hidden[:, j:j + step], weight, rule, j)
+            z = _chunk_logits(hidden[:, j:j + step], weight, bias, rule, j)
             lse[:, j:j + step] = torch.logsumexp(z, dim=-1)
             out[:, j:j + step, 0] = z.gather(-1, targets[:, j:j + step, None]).squeeze(-1) - lse[:, j:j + step]
             if with_entropy:
                 z_dot_p = z.mul_((z - lse[:, j:j + step, None]).exp_()).sum(-1)  # sum_v z_v p_v
                 out[:, j:j + step, 1] = lse[:, j:j + step] - z_dot_p
-        ctx.save_for_backward(hidden, weight, targets, lse, out)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, out)
         ctx.rule, ctx.step = rule, step
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets, lse, out = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, out = ctx.saved_tensors
         rule, step = ctx.rule, ctx.step
         scale = 1.0 / rule.temperature if rule is not None else 1.0
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for j in range(0, targets.shape[1], step):
             h = hidden[:, j:j + step]
-            z = _chunk_logits(h, weight, rule, j)
+            z = _chunk_logits(h, weight, bias, rule, j)
             g_logp, g_entropy = grad[:, j:j + step, 0, None].float(), grad[:, j:j + step, 1, None].float()
             centred = z.sub_(lse[:, j:j + step, None])  # z - lse = log p
             p = centred.exp()
@@ -89,17 +91,18 @@ class HeadLogprobs(torch.autograd.Function):
             dz.scatter_add_(-1, targets[:, j:j + step, None], g_logp).mul_(scale)  # d logits, fp32
             grad_hidden[:, j:j + step] = dz.to(weight.dtype) @ weight
             grad_weight.addmm_(dz.reshape(-1, dz.shape[-1]).T, h.reshape(-1, h.shape[-1]).float())
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+            if grad_bias is not None:
+                grad_bias += dz.sum(dim=(0, 1))
+        return (grad_hidden, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None)
 
 
 def head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, rule: SamplingRule | None = None,
                   with_entropy: bool = False, chunk_tokens: int = 1024) -> tuple[Tensor, Tensor | None]:
     """``token_logprobs(head(hidden), ...)`` for hidden [B, R + 1, H], without [B, R, V] logits: chunks of
     all B rows x about chunk_tokens / B positions, through one call of the ``head`` module."""
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("learner.logprob_chunk_tokens needs an LM head without a bias: set "
-                                  "learner.logprob_chunk_tokens=0 for this policy")
-    head.forward = lambda h: HeadLogprobs.apply(h, head.weight, targets, rule, chunk_tokens, with_entropy)
+    bias = getattr(head, "bias", None)  # Qwen's LM heads have none
+    head.forward = lambda h: HeadLogprobs.apply(h, head.weight, bias, targets, rule, chunk_tokens, with_entropy)
     try:
         out = head(hidden[:, :targets.shape[1]])  # the last position predicts nothing
     finally:

@@ -87,3 +87,27 @@ def test_no_tensor_of_the_whole_logits_is_kept_for_backward(policy):
 
     assert vocabulary_sized_saved(0) >= B * R * V
     assert vocabulary_sized_saved(2 * B) == 0
+
+
+def test_an_lm_head_with_a_bias_gives_the_same_numbers_and_gradients():
+    """head_logprobs on a plain linear head with a bias (Qwen's have none), against autograd through it."""
+    from learner.logprobs import head_logprobs, token_logprobs
+
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 50)
+    rule = SamplingRule(temperature=0.8, banned_ids=(3, 7), stop_ids=(1,), min_new_tokens=2)
+    hidden = torch.randn(3, 6, 16, requires_grad=True)
+    targets = torch.randint(8, 50, (3, 5))
+    results = []
+    for chunked in (False, True):
+        head.zero_grad()
+        hidden.grad = None
+        if chunked:
+            logp, entropy = head_logprobs(hidden, head, targets, rule, with_entropy=True, chunk_tokens=6)
+        else:
+            logp, entropy = token_logprobs(head(hidden), targets, rule, with_entropy=True)
+        (logp.sum() * 0.7 + (entropy * torch.linspace(-1, 1, 5)).sum()).backward()
+        results.append((logp.detach(), entropy.detach(), hidden.grad.clone(), head.weight.grad.clone(),
+                        head.bias.grad.clone()))
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
