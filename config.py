@@ -29,11 +29,13 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     policy_path: Optional[str] = Field(
-        None, description="Local HF directory of a Qwen2.5-VL policy (e.g. Qwen2.5-VL-7B-Instruct). "
+        None, description="Local HF directory of a Qwen2.5-VL or Qwen3-VL policy (e.g. Qwen3-VL-8B-Instruct; "
+        "`python -m policy.build` writes random-weight ones). "
         "Empty: build the tiny embedded policy below into `train.output_dir/tiny_policy`.")
     image_size: int = Field(
         112, ge=28, description="Images are resized to image_size x image_size before the policy sees "
-        "them; answer coordinates live in that space (Seg-Zero: 840). Multiple of 28.")
+        "them; answer coordinates live in that space (Seg-Zero: 840). A multiple of the family's patch x merge: "
+        "28 for Qwen2.5-VL, 32 for Qwen3-VL.")
     tiny_hidden_size: int = Field(128, ge=64, description="Tiny policy: hidden size of the language model.")
     tiny_layers: int = Field(2, ge=1, description="Tiny policy: number of decoder layers.")
     tiny_heads: int = Field(
@@ -55,7 +57,8 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.image_size % 28:
+        if self.policy_path is None and self.image_size % 28:  # the tiny Qwen2.5-VL; a checkpoint's family
+            # is checked against image_size at start (policy/family.py: 28 for Qwen2.5-VL, 32 for Qwen3-VL)
             raise ValueError(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {self.image_size}")
         if self.tiny_hidden_size % self.tiny_heads or self.tiny_hidden_size // self.tiny_heads < 64:
             raise ValueError("tiny_hidden_size / tiny_heads must be an integer >= 64 (vLLM CPU attention)")
@@ -175,6 +178,11 @@ class RolloutConfig(Section):
 class RewardConfig(Section):
     rules: Literal["segzero", "segzero_soft", "multi_object"] = Field(
         "segzero", description="Rule set: Seg-Zero strict answer format, soft format, or VisionReasoner multi-object.")
+    coordinates: Literal["auto", "pixels", "relative_1000"] = Field(
+        "auto", description="How the policy writes boxes and points: absolute pixels of the resized image "
+        "(Qwen2.5-VL) or relative 0..1000 across its width and height (Qwen3-VL); auto: the policy family's "
+        "(config.json model_type). The prompt, the warm start's reference answers and the conversion to "
+        "pixels before the rules and the segmenter follow it (policy/family.py).")
     weights: dict[str, float] = Field(
         default_factory=dict, description="Per-term weights, e.g. {bbox_iou: 1.0, mask_iou: 2.0}; "
         "unnamed terms weigh 1.")

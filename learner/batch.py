@@ -9,8 +9,9 @@ the same column P and response token j of every row sits at column P + j:
 
 The logits that predict the responses are then the last R + 1 positions for every row
 (``logits_to_keep = R + 1``; logit at column P + j - 1 predicts r_j), so the model never materialises
-vocabulary-sized logits for the prompt. Qwen2.5-VL builds its 3-D (mrope) positions from the attended
-tokens only, so padding on either side does not move any position.
+vocabulary-sized logits for the prompt. Both families build their 3-D (mrope) positions from the
+attended tokens only, so padding on either side does not move any position. The images enter as their
+vision features, in the family's form (policy/family.py: Qwen3-VL's deepstack features included).
 """
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import logging
 
 import torch
 from torch import Tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from policy.family import family_of_model, fixed_size
 from trajectory import LearnerSequence
 
 log = logging.getLogger(__name__)
 
 
 def encode_prompt(processor, prompt: str, image) -> dict[str, Tensor]:
-    """Processor output for one sample: input_ids [P], mm_token_type_ids [P], pixel_values, image_grid_thw."""
-    enc = processor(text=[prompt], images=[image], return_tensors="pt")
+    """Processor output for one sample: input_ids [P], mm_token_type_ids [P], pixel_values, image_grid_thw.
+    The image is taken at its size (pre-resized to model.image_size), as vLLM takes it (``fixed_size``)."""
+    enc = processor(text=[prompt], images=[image], return_tensors="pt", size=fixed_size(*image.size))
     out = {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"],
            "image_grid_thw": enc["image_grid_thw"]}
     # Qwen2.5-VL needs the modality of every token to place the image in 3-D positions; without it the
@@ -109,10 +111,11 @@ def collate(processor, samples: list[LearnerSequence], pad_id: int, encoded: dic
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "logits_to_keep")
 
 
-def model_inputs(batch: dict, device, dtype: torch.dtype, image_features: tuple[Tensor, ...] | None) -> dict:
+def model_inputs(hf, batch: dict, device, dtype: torch.dtype, image_features: tuple | None) -> dict:
     """The model's kwargs for a collated batch, on device, floats in the model's dtype. The images enter
-    as ``image_features`` (one tensor per distinct image, ``image_features``), repeated per row, through
-    transformers' ``mm_encoder_outputs``; None: as each row's pixel values (the tower runs per row)."""
+    as ``image_features`` (one entry per distinct image, ``image_features``), repeated per row, through
+    transformers' ``mm_encoder_outputs`` in the form of ``hf``'s family; None: as each row's pixel values
+    (the tower runs per row)."""
     out = {}
     for k in MODEL_KEYS:
         v = batch[k]
@@ -122,8 +125,8 @@ def model_inputs(batch: dict, device, dtype: torch.dtype, image_features: tuple[
     if image_features is None:
         out["pixel_values"] = torch.cat([image_pixels(batch, i) for i in batch["image_index"]]).to(device, dtype)
     else:
-        per_row = tuple(image_features[i] for i in batch["image_index"])
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        per_row = [image_features[i] for i in batch["image_index"]]
+        out["mm_encoder_outputs"] = family_of_model(hf).encoder_outputs(per_row)
     return out
 
 
@@ -134,13 +137,13 @@ def image_pixels(batch: dict, i: int) -> Tensor:
     return batch["pixel_values"][start:start + sizes[i]]
 
 
-def image_features(model, batch: dict, device, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """The vision tower of ``model`` (a Qwen2.5-VL ``...ForConditionalGeneration``) on the batch's
-    distinct images: one [tokens, hidden] tensor per image, in ``batch["image_keys"]`` order. The tower
-    attends within each image only, so an image's features do not depend on the others in the call."""
-    out = model.model.get_image_features(batch["pixel_values"].to(device, dtype=dtype),
-                                         batch["unique_grid_thw"].to(device), return_dict=True)
-    return tuple(out.pooler_output)
+def image_features(model, batch: dict, device, dtype: torch.dtype) -> tuple[tuple[Tensor, ...], ...]:
+    """The vision tower of ``model`` (a family's ``...ForConditionalGeneration``) on the batch's distinct
+    images, in ``batch["image_keys"]`` order: per image, its tokens' [tokens, hidden] features and, for
+    Qwen3-VL, its deepstack features (policy/family.py). The tower attends within each image only, so an
+    image's features do not depend on the others in the call."""
+    return family_of_model(model).image_features(model, batch["pixel_values"].to(device, dtype=dtype),
+                                                 batch["unique_grid_thw"].to(device))
 
 
 def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device, dtype: torch.dtype) -> Tensor:
@@ -155,7 +158,9 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device
                       so their gradients add up on the prompt), attention mask [B, P + R] -> logits
                       at columns P .. P + R - 1
 
-    Positions are the full rows' 3-D (mrope) positions (the model's own get_rope_index), split at P.
+    Positions are the full rows' 3-D (mrope) positions (the model's own get_rope_index: Qwen3-VL's
+    interleaved sections have the same call), split at P. Qwen3-VL's deepstack features enter in the
+    prompt pass, where the image tokens are.
     Every row's prompt part depends on its prompt alone, so this is the same computation as the full
     rows, without repeating the prompt's G - 1 times."""
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -165,7 +170,7 @@ def shared_prompt_logits(module, hf, batch: dict, features: tuple | None, device
     rows = torch.tensor(batch["image_index"], device=device)
     first = torch.tensor([batch["image_index"].index(u) for u in range(len(batch["image_keys"]))], device=device)
     images = ({"pixel_values": batch["pixel_values"].to(device, dtype)} if features is None else
-              {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}})
+              {"mm_encoder_outputs": family_of_model(hf).encoder_outputs(features)})
     prompt = module(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P],
                     position_ids=positions[:, first, :P], image_grid_thw=grid[first], **images,
                     use_cache=True, logits_to_keep=1)

@@ -24,7 +24,7 @@ class Forward:
         self.chunk_tokens = cfg.learner.logprob_chunk_tokens
         self.device, self.dtype, self.rule = device, dtype, rule
 
-    def features(self, module, batch: dict, cache: dict) -> tuple[torch.Tensor, ...] | None:
+    def features(self, module, batch: dict, cache: dict) -> tuple | None:
         """Vision features of the micro-batch's distinct images under ``module``'s own tower: the G answers
         of a group share one image, so the tower runs once per image, not once per row. A trained tower
         runs per micro-batch with gradients (the rows' gradients add up on their image). A frozen one
@@ -74,4 +74,4 @@ class Forward:
         checkpointed = hf.training and getattr(hf, "is_gradient_checkpointing", False)
         if self.shared_prompt and not checkpointed:
             return shared_prompt_logits(module, hf, batch, features, self.device, self.dtype)
-        return module(**model_inputs(batch, self.device, self.dtype, features)).logits
+        return module(**model_inputs(hf, batch, self.device, self.dtype, features)).logits

@@ -73,7 +73,8 @@ class Learner:
         self.ref = reference_model(cfg, self.policy_path, self.dtype, self.device) if cfg.learner.kl_coef > 0 else None
         # Padding micro-batches (see module docstring) forward this sequence with zero weight.
         size = cfg.model.image_size
-        self._filler = LearnerSequence(chat_prompt("", cfg.reward.rules), Image.new("RGB", (size, size)), [self.pad_id])
+        self._filler = LearnerSequence(chat_prompt("", cfg.reward.rules, cfg.reward.coordinates),
+                                       Image.new("RGB", (size, size)), [self.pad_id])
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         log.info("learner rank %d/%d: ZeRO-%d, %s, %.1fM trainable params, reference=%s", rank, world_size,
                  cfg.learner.zero_stage, self.dtype, n_train / 1e6, self.ref is not None)

@@ -4,14 +4,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from policy.family import resolve
+
 log = logging.getLogger(__name__)
 
 
 def prepare_policy(cfg) -> str:
-    """model.policy_path, or the tiny embedded Qwen2.5-VL built once into the output dir."""
+    """model.policy_path, or the tiny embedded Qwen2.5-VL built once into the output dir; its family
+    checked against the config and reward.coordinates resolved (policy/family.py ``resolve``)."""
     if cfg.model.policy_path:
         if not Path(cfg.model.policy_path, "config.json").exists():
             raise RuntimeError(f"model.policy_path: no HF checkpoint (config.json) in {cfg.model.policy_path}")
+        resolve(cfg, cfg.model.policy_path)
         return cfg.model.policy_path
     from policy.tiny import build_tiny_policy
 
@@ -22,6 +26,7 @@ def prepare_policy(cfg) -> str:
                              vision_layers=m.tiny_vision_layers, seed=cfg.train.seed,
                              number_code=m.tiny_number_code, position_reader=m.tiny_position_reader)
     log.info("policy: tiny embedded Qwen2.5-VL at %s (random weights)", path)
+    resolve(cfg, path)
     return str(path)
 
 
@@ -31,11 +36,14 @@ def policies_to_evaluate(cfg, checkpoint: str | None) -> dict[str, str]:
     if checkpoint:
         if not Path(checkpoint, "config.json").exists():
             raise SystemExit(f"--checkpoint: no HF checkpoint (config.json) in {checkpoint}")
+        resolve(cfg, checkpoint)
         return {"checkpoint": checkpoint}
     out = Path(cfg.train.output_dir)
     found = {name: str(out / f"{name}_policy") for name in ("final", "best")
              if (out / f"{name}_policy" / "config.json").exists()}
     if not cfg.model.policy_path and found:
+        for path in found.values():
+            resolve(cfg, path)
         return found
     return {"initial": prepare_policy(cfg)}
 

@@ -32,7 +32,8 @@ NUMBER_TOKENS = [str(i) for i in range(1024)]
 def _word_tokens() -> list[str]:
     """Words (with and without their leading space) of the system prompt, the Seg-Zero template and the
     synthetic queries, and the fixed pieces of the answer JSON (data/segzero.answer_json)."""
-    vocabulary = " ".join([SYSTEM_PROMPT, SEGZERO_TEMPLATE, EXAMPLE_ANSWER, *COLOURS, *SHAPES, *DIRECTIONS,
+    template = SEGZERO_TEMPLATE.replace("{coordinates}", "")  # the pixel prompt's words only
+    vocabulary = " ".join([SYSTEM_PROMPT, template, EXAMPLE_ANSWER, *COLOURS, *SHAPES, *DIRECTIONS,
                            *EXTREMES, "the shape largest smallest system user assistant"])
     words = sorted({w.strip() for w in re.findall(r" ?[A-Za-z_]+", vocabulary)})
     answer_pieces = ['{"bbox":[', '],"points_1":[', '],"points_2":[', ']}']

@@ -23,6 +23,9 @@ from Seg-Zero's, which needs ix1 < ix2). VisionReasoner's format term only check
 accuracy term fails on any item whose values are not numbers or have the wrong length, which is what
 `parse_objects` enforces here (booleans count as the numbers 0 and 1 there, as numpy takes them; the
 segmenter's prompts, `parse_answer_objects`, refuse them). Any exception scores 0 for that term.
+
+``pixels_per_unit`` (policy/family.py): an answer in relative coordinates has its parsed numbers
+multiplied by it before the accuracy term and the segmenter read them; the solution is in pixels.
 """
 from __future__ import annotations
 
@@ -92,13 +95,13 @@ def parse_objects(text_json, allow_bool: bool = False) -> tuple[np.ndarray, np.n
     return np.array(boxes), np.array(points)
 
 
-def accuracy_reward(response: str, solution: str) -> float:
+def accuracy_reward(response: str, solution: str, pixels_per_unit: float = 1.0) -> float:
     """sum over Hungarian-matched pairs of ([IoU>0.5] + [L1<10] + [dist<30 & point in box]) / max(M, N)."""
     gt = parse_objects(json.loads(solution), allow_bool=True)
     pred = parse_objects(_answer_json(response), allow_bool=True)
     if gt is None or pred is None:
         return 0.0
-    (pb, pp), (gb, gp) = pred, gt
+    (pb, pp), (gb, gp) = (pred[0] * pixels_per_unit, pred[1] * pixels_per_unit), gt
     with np.errstate(all="ignore"):  # inf/NaN coordinates give NaN comparisons, which are False
         iw = np.maximum(0, np.minimum(pb[:, None, 2], gb[None, :, 2]) - np.maximum(pb[:, None, 0], gb[None, :, 0]) + 1)
         ih = np.maximum(0, np.minimum(pb[:, None, 3], gb[None, :, 3]) - np.maximum(pb[:, None, 1], gb[None, :, 1]) + 1)
@@ -135,24 +138,25 @@ def _safe(term, *args) -> float:
         return 0.0
 
 
-def multi_object_rewards(response: str, solution: str) -> dict[str, float]:
+def multi_object_rewards(response: str, solution: str, pixels_per_unit: float = 1.0) -> dict[str, float]:
     """The four VisionReasoner terms of one response; never raises."""
     if not isinstance(response, str):
         response = ""
     return {
         "think_format": _safe(think_format_reward, response),
         "answer_format": _safe(answer_format_reward, response),
-        "accuracy": _safe(accuracy_reward, response, solution),
+        "accuracy": _safe(accuracy_reward, response, solution, pixels_per_unit),
         "non_repeat": _safe(non_repeat_reward, response),
     }
 
 
-def parse_answer_objects(response: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Segmenter prompts of a multi-object response: (boxes [M,4], points [M,2]) all finite, or None."""
+def parse_answer_objects(response: str, pixels_per_unit: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Segmenter prompts of a multi-object response: (boxes [M,4], points [M,2]) all finite, in pixels,
+    or None."""
     try:
         parsed = parse_objects(_answer_json(response))
     except Exception:
         return None
     if parsed is None or not (np.isfinite(parsed[0]).all() and np.isfinite(parsed[1]).all()):
         return None
-    return parsed
+    return parsed[0] * pixels_per_unit, parsed[1] * pixels_per_unit

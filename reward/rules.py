@@ -27,6 +27,10 @@ The segmenter needs numbers, so `parse_answer` (the mask term's prompts) is stri
 term: 4 and 2 finite coordinates, numbers or numeric strings, never booleans. When it returns a prompt,
 answer_format is 1; the converse does not hold (`"bbox": ["a","b","c","d"]` earns the format point
 and no mask).
+
+``pixels_per_unit`` (policy/family.py): an answer in relative coordinates (Qwen3-VL's 0..1000) is
+converted before any term reads it: every number (not a boolean, not a string) in a list value of the
+answer object is multiplied by it; anything else stays as written and scores as it would in pixels.
 """
 from __future__ import annotations
 
@@ -201,11 +205,24 @@ def _safe_parse(response: str) -> dict | None:
         return None
 
 
-def segzero_rewards(response: str, solution: str, soft: bool = False) -> dict[str, float]:
+def in_pixels(data: dict, pixels_per_unit: float) -> dict:
+    """The answer object with the numbers of its list values in pixels (see the module docstring)."""
+    if pixels_per_unit == 1.0:
+        return data
+
+    def scaled(v):
+        return v * pixels_per_unit if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    return {k: [scaled(v) for v in value] if isinstance(value, list) else value for k, value in data.items()}
+
+
+def segzero_rewards(response: str, solution: str, soft: bool = False, pixels_per_unit: float = 1.0) -> dict[str, float]:
     """The five Seg-Zero terms of one response against one solution string; never raises."""
     if not isinstance(response, str):
         response = ""
     data = _safe_parse(response)
+    if isinstance(data, dict):
+        data = in_pixels(data, pixels_per_unit)
     geometry = (lambda term: _safe(term, data, solution, soft)) if data is not None else (lambda term: 0.0)
     return {
         "think_format": _safe(think_format_reward, response),
@@ -227,9 +244,10 @@ def coordinate(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def parse_answer(response: str, soft: bool = False) -> dict | None:
+def parse_answer(response: str, soft: bool = False, pixels_per_unit: float = 1.0) -> dict | None:
     """The segmenter prompt of a response: {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]} as finite
-    floats (model space), read with the format term's keys; None when the answer holds no such numbers."""
+    floats (model-space pixels), read with the format term's keys; None when the answer holds no such
+    numbers."""
     try:
         data = first_json_object(response)
         if not answer_format_reward(data, soft):
@@ -241,6 +259,7 @@ def parse_answer(response: str, soft: bool = False) -> dict | None:
         numbers = [[coordinate(c) for c in v] for v in values]
         if any(c is None for v in numbers for c in v):
             return None
+        numbers = [[c * pixels_per_unit for c in v] for v in numbers]
         return {"bbox": numbers[0], "points": numbers[1:]}
     except Exception:
         return None

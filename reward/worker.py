@@ -5,7 +5,8 @@ builds one in its process, so training and evaluation score answers the same way
 benchmarks build one directly. A group is made by ``reward_group`` (one sample, its G responses, the
 solution string of the rule set). Per group:
 
-1. rule terms for every response (reward/__init__.py: rule_rewards), never raising;
+1. rule terms for every response (reward/__init__.py: rule_rewards), never raising; answers in
+   relative coordinates (cfg.coordinates) converted to model-space pixels first;
 2. responses whose answer parses become segmenter prompts, mapped from the model's square image
    space (model_size) to the original image; those that do not parse never reach the segmenter;
 3. ONE image encoding (or an LRU-cache hit) and ONE batched decode of all the group's prompts;
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data.masks import decode_rle
+from policy.family import pixels_per_unit
 from reward import answer_prompts, rule_rewards
 from reward.mask_iou import mask_iou, mask_reward, to_original
 from reward.segmenters import make_segmenter
@@ -67,13 +69,14 @@ class RewardWorker:
         response; with_masks: also the predicted mask of each response (original pixels; None when its
         answer does not parse or the mask term is off), what evaluation measures gIoU on."""
         responses = [r if isinstance(r, str) else "" for r in group["responses"]]
-        scores = [rule_rewards(self.cfg.rules, r, group.get("solution", "")) for r in responses]
+        unit = pixels_per_unit(self.cfg.coordinates, group["model_size"])
+        scores = [rule_rewards(self.cfg.rules, r, group.get("solution", ""), unit) for r in responses]
         self.last_stats = {"encode_s": 0.0, "decode_s": 0.0, "cache_hit": False, "num_prompts": 0,
                            "has_mask": group.get("mask") is not None, "mask_error": None}
         masks: list = [None] * len(responses)
         mask_term = self.cfg.mask_iou != "off"
         if self.segmenter is not None and (mask_term or with_masks):
-            masks, ious = self._masks(group, responses, with_masks)
+            masks, ious = self._masks(group, responses, with_masks, unit)
             for score, iou in zip(scores, ious if mask_term else ()):
                 score["mask_iou"] = 0.0 if iou is None else mask_reward(iou, self.cfg.mask_iou, self.cfg.mask_threshold)
         for score in scores:
@@ -85,7 +88,7 @@ class RewardWorker:
         return [Reward(terms, text_hash(response if isinstance(response, str) else ""))
                 for terms, response in zip(self.score_group(group), group["responses"])]
 
-    def _masks(self, group: dict, responses: list[str], wanted: bool) -> tuple[list, list[float | None]]:
+    def _masks(self, group: dict, responses: list[str], wanted: bool, unit: float) -> tuple[list, list[float | None]]:
         """Each response's predicted mask and its IoU with the ground truth (None where there is none:
         an answer that does not parse; no IoU either when the sample has no ground-truth mask, and no
         segmentation at all then unless the masks are ``wanted``)."""
@@ -93,7 +96,7 @@ class RewardWorker:
         ious: list[float | None] = [None] * len(responses)
         prompts = {}
         for i, response in enumerate(responses):
-            p = answer_prompts(self.cfg.rules, response)
+            p = answer_prompts(self.cfg.rules, response, unit)
             if p is not None:
                 prompts[i] = (p[0][:MAX_MASK_PROMPTS_PER_RESPONSE], p[1][:MAX_MASK_PROMPTS_PER_RESPONSE])
         if not prompts or (group.get("mask") is None and not wanted):

@@ -27,6 +27,7 @@ import torch
 
 from config import Config
 from engine_logs import filter_expected_engine_warnings
+from policy.family import fixed_size
 from policy.prompt import chat_prompt
 from policy.sampling import SamplingRule
 from weight_sync.buckets import to_bytes
@@ -102,7 +103,7 @@ class RolloutWorker:
         elif temperature is not None:
             rule["temperature"] = temperature
         params = SamplingParams(n=n, max_tokens=max_tokens, logprobs=0, **rule)
-        texts = [chat_prompt(p["problem"], self.cfg.reward.rules) for p in prompts]
+        texts = [chat_prompt(p["problem"], self.cfg.reward.rules, self.cfg.reward.coordinates) for p in prompts]
         fits = self._fits_context(texts, params.max_tokens)
         requests = [{"prompt": text, "multi_modal_data": {"image": p["image"]}}
                     for text, p, ok in zip(texts, prompts, fits) if ok]
@@ -151,8 +152,8 @@ class RolloutWorker:
         """
         from vllm import SamplingParams
 
-        prompt_ids = self.tokenizer.encode(chat_prompt(prompt["problem"], self.cfg.reward.rules),
-                                           add_special_tokens=False)
+        text = chat_prompt(prompt["problem"], self.cfg.reward.rules, self.cfg.reward.coordinates)
+        prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
         request = {"prompt_token_ids": prompt_ids + list(token_ids),
                    "multi_modal_data": {"image": prompt["image"]}}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -223,7 +224,6 @@ def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:
     """vLLM's engine arguments for this config; ``on_gpu`` picks the GPU branch (tests force it on CPU and
     validate the result with vLLM's own EngineArgs, tests/test_rollout_engine_args.py)."""
     r = cfg.rollout
-    pixels = cfg.model.image_size ** 2
     args = dict(
         model=policy_path,
         dtype=cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
@@ -231,7 +231,7 @@ def engine_args(cfg: Config, policy_path: str, seed: int, on_gpu: bool) -> dict:
         tensor_parallel_size=r.tensor_parallel_size, limit_mm_per_prompt={"image": 1, "video": 0},
         # min = max = image_size^2, as the learner's processor: images arrive pre-resized to
         # image_size x image_size and neither side may resize them again.
-        mm_processor_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
+        mm_processor_kwargs={"size": fixed_size(cfg.model.image_size)},
         worker_extension_cls=EXTENSION,
         # logprobs of the distribution sampled from (after the logit bias, min tokens and temperature),
         # what the learner computes (policy/sampling.py); raw logprobs would ignore all three

@@ -11,6 +11,9 @@ from policy.prompt import chat_prompt
 from policy.tiny import build_tiny_policy
 
 IMAGE_SIZE = 112
+# The real-vocabulary families at their smallest (policy/build.py) and the image size each runs at: a
+# multiple of the family's patch x merge (28, 32) and of the synthetic scenes' 28-px cells.
+FAMILY_IMAGE_SIZE = {"qwen2_5_vl": 112, "qwen3_vl": 224}
 # A real launch.py job that warm-starts the tiny policy as the default does (200 steps, batch 16, lr 1e-3),
 # then one GRPO step: what the end-to-end tests start from, so that their answers parse and score.
 WARM_START = ["train.steps=1", "train.sft_steps=200", "train.sft_batch_size=16", "train.sft_lr=1e-3",
@@ -36,19 +39,20 @@ def synthetic_split(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("data") / "split.parquet", 6, IMAGE_SIZE, seed=3)
 
 
-@pytest.fixture(scope="session")
-def memorised_policy(tmp_path_factory, synthetic_split):
-    """The tiny policy fine-tuned (plain transformers, ~100 steps) to answer one sample's reference
-    answer; it answers every image with that box and points."""
+def memorise(path, sample, size: int, coordinates: str = "pixels", steps: int = 150):
+    """Fine-tunes the HF policy at ``path`` in place (plain transformers) to answer ``sample``'s reference
+    answer, in the coordinate convention given; it then answers every image with that box and points."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = build_tiny_policy(tmp_path_factory.mktemp("policy") / "memorised", image_size=IMAGE_SIZE, seed=1)
+    from policy.family import fixed_size, pixels_per_unit
+
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    sample = next(ParquetSource(synthetic_split, shuffle=False).iter_epoch())
-    prompt = processor(text=[chat_prompt(sample.problem)], images=[sample.model_image(IMAGE_SIZE)], return_tensors="pt")
-    answer = processor.tokenizer(sample.reference_answer(IMAGE_SIZE) + "<|im_end|>", add_special_tokens=False,
-                                 return_tensors="pt").input_ids
+    image = sample.model_image(size)
+    prompt = processor(text=[chat_prompt(sample.problem, coordinates=coordinates)], images=[image],
+                       return_tensors="pt", size=fixed_size(size))
+    reference = sample.reference_answer(size, unit=pixels_per_unit(coordinates, size))
+    answer = processor.tokenizer(reference + "<|im_end|>", add_special_tokens=False, return_tensors="pt").input_ids
     inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], answer], 1),
                   attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + answer.shape[1], dtype=torch.long))
     if "mm_token_type_ids" in inputs:  # the answer holds no image tokens (keeps Qwen's 3-D positions)
@@ -56,7 +60,7 @@ def memorised_policy(tmp_path_factory, synthetic_split):
     labels = inputs["input_ids"].clone()
     labels[:, :prompt["input_ids"].shape[1]] = -100
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(steps):
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -64,10 +68,30 @@ def memorised_policy(tmp_path_factory, synthetic_split):
         if loss.item() < 0.01:
             break
     # The tests that use it need the answer itself: a policy that did not converge answers something else.
-    assert loss.item() < 0.01, f"the memorised policy did not converge: loss {loss.item():.4f} after 150 steps"
+    assert loss.item() < 0.01, f"the memorised policy did not converge: loss {loss.item():.4f} after {steps} steps"
     model.save_pretrained(path)
+    return reference
+
+
+@pytest.fixture(scope="session")
+def memorised_policy(tmp_path_factory, synthetic_split):
+    """The tiny policy fine-tuned (~100 steps) to answer one sample's reference answer."""
+    path = build_tiny_policy(tmp_path_factory.mktemp("policy") / "memorised", image_size=IMAGE_SIZE, seed=1)
+    sample = next(ParquetSource(synthetic_split, shuffle=False).iter_epoch())
+    memorise(path, sample, IMAGE_SIZE)
     return path, sample
 
+
+@pytest.fixture(scope="session")
+def memorised_qwen3_vl(tmp_path_factory, synthetic_split):
+    """A real-vocabulary Qwen3-VL directory (policy/build.py) fine-tuned to answer one sample's reference
+    answer in its relative coordinates, at its image size: (path, sample, reference answer)."""
+    from policy.build import build_policy
+
+    path = build_policy("qwen3_vl", tmp_path_factory.mktemp("qwen3_vl_memorised") / "policy", seed=1)
+    sample = next(ParquetSource(synthetic_split, shuffle=False).iter_epoch())
+    reference = memorise(path, sample, FAMILY_IMAGE_SIZE["qwen3_vl"], "relative_1000", steps=300)
+    return path, sample, reference
 
 
 @pytest.fixture(scope="session")
@@ -86,5 +110,22 @@ def warm_policy(tmp_path_factory):
             launch.train(load_config(None, WARM_START + [f"reward.rules={key}", f"train.output_dir={out}"]))
             built[key] = str(out / "warm_start_policy")
         return built[key]
+
+    return get
+
+
+
+@pytest.fixture(scope="session")
+def family_policy(tmp_path_factory):
+    """family_policy(family) -> a random-weight HF directory of that family with Qwen's real vocabulary
+    (``python -m policy.build``), built on first use."""
+    from policy.build import build_policy
+
+    built = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = str(build_policy(family, tmp_path_factory.mktemp(family) / "policy"))
+        return built[family]
 
     return get

@@ -14,6 +14,9 @@ def test_default_and_cluster_configs_validate():
         assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size) == (16, 8)
         assert cfg.learner.lr == 1e-6 and cfg.learner.kl_kind == "k3" and cfg.learner.kl_coef == 5e-3
         assert cfg.model.image_size == 840 and cfg.reward.segmenter == "sam2"
+    qwen3 = load_config(REPO / "configs" / "qwen3vl_8b.yaml")  # Seg-Zero's recipe at Qwen3-VL's 32-px patches
+    assert (qwen3.rollout.prompts_per_step, qwen3.rollout.group_size, qwen3.learner.lr) == (16, 8, 1e-6)
+    assert qwen3.model.image_size == 832 and qwen3.reward.coordinates == "auto"
 
 
 def test_dotted_overrides_apply_with_types():

@@ -129,3 +129,36 @@ def test_evaluate_reports_the_final_and_the_best_policy_of_a_run(tmp_path, synth
     assert set(results) == {"final", "best"}
     assert results["final"]["samples"][0]["parsed"] and results["final"]["samples"][0]["iou"] > 0.5
     assert results["best"]["parse_failure_rate"] == 1.0  # random weights: nothing parses
+
+
+@pytest.mark.slow
+def test_evaluate_and_infer_a_qwen3_vl_policy(tmp_path, synthetic_split, memorised_qwen3_vl):
+    """A real-vocabulary Qwen3-VL directory that answers one sample in relative 0..1000 coordinates: both
+    entry points read the family from the checkpoint, prompt in its convention, and convert its answer to
+    pixels, so the memorised sample is segmented as well as in pixels (read as pixels its box would lie
+    4.5x too far out, off the object)."""
+    policy, sample, reference = memorised_qwen3_vl
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "--split", str(synthetic_split), "--checkpoint", str(policy),
+         "--out", str(out), "--limit", "2", "--no-mlflow", "--protocol", "segzero", "model.image_size=224",
+         f"train.output_dir={tmp_path}", "rollout.max_new_tokens=64"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    first = result["samples"][0]
+    assert first["parsed"] and first["iou"] > 0.5 and first["box_iou"] > 0.8, first
+    assert result["giou"] == pytest.approx(result["giou_segzero"])  # the paper's script maps it alike
+
+    image_path = tmp_path / "image.png"
+    sample.image.save(image_path)
+    proc = subprocess.run(
+        [sys.executable, "infer.py", "--image", str(image_path), "--query", sample.problem, "--checkpoint",
+         str(policy), "--out", str(tmp_path / "out"), "--max-new-tokens", "64", "model.image_size=224"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reference.split("<answer>")[1] in proc.stdout  # the relative answer, as memorised
+    from data.masks import decode_rle
+
+    mask, gt = np.asarray(Image.open(tmp_path / "out" / "mask.png")) > 0, decode_rle(sample.mask_rle)
+    assert (mask & gt).sum() / (mask | gt).sum() > 0.5

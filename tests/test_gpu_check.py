@@ -28,12 +28,14 @@ def no_ray_no_vllm(tmp_path) -> str:
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_on_cpu_without_ray_or_vllm(tmp_path, no_ray_no_vllm):
+@pytest.mark.parametrize("family", ["tiny", "qwen3_vl"])
+def test_gpu_check_runs_on_cpu_without_ray_or_vllm(tmp_path, no_ray_no_vllm, family):
+    """--family qwen3_vl: the tiny width in Qwen3-VL's shape with Qwen's real vocabulary (policy/build.py)."""
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": no_ray_no_vllm, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--threads", "1",
-         "--stages", "3", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+         "--stages", "3", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--family", family],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -47,6 +49,11 @@ def test_gpu_check_runs_on_cpu_without_ray_or_vllm(tmp_path, no_ray_no_vllm):
             assert f"zero{stage}_{key}" in results
     for key in ("reward_samples_per_s", "reward_encode_ms", "reward_decode_ms", "policy_params"):
         assert key in results
+    assert report["settings"]["family"] == family
+    config = json.loads((tmp_path / "work" / "policy" / "config.json").read_text())
+    assert config["model_type"] == ("qwen3_vl" if family == "qwen3_vl" else "qwen2_5_vl")
+    if family == "qwen3_vl":  # the real vocabulary's head, and Qwen3-VL's 224-px multiple
+        assert results["policy_head_params"] == 151936 * 128 and report["settings"]["image_size"] == 224
     bad = {k: v for k, v in results.items()
            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0}
     assert not bad, f"fields that are not positive numbers: {bad}"

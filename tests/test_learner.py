@@ -215,7 +215,7 @@ def test_grouped_paths_give_the_per_row_logprobs_and_gradients(policy_dir, path)
             assert batch["image_index"] == [0, 0, 0, 1, 1, 1] and batch["pixel_values"].shape[0] == 2 * 64
             features = image_features(model, batch, "cpu", torch.float32)
             if mode == "grouped_features":
-                logits = model(**model_inputs(batch, "cpu", torch.float32, features)).logits
+                logits = model(**model_inputs(model, batch, "cpu", torch.float32, features)).logits
             else:
                 logits = shared_prompt_logits(model, model, batch, None if mode.endswith("pixels") else features,
                                               "cpu", torch.float32)

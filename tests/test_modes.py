@@ -12,7 +12,11 @@ the warm start; the learner's logprobs of the tokens sampled with its current we
 off-policy, staleness at most one version; after every weight sync the parity probe passed on every
 rollout worker (``sync/parity_max_diff``, checked by the job itself).
 ``--resume`` rows crash right after the step-2 checkpoint
-and resume from it. The jobs share one local Ray; each starts and stops its own actors.
+and resume from it. ``policy`` picks what the job starts from: the warm-started tiny policy, or a
+random-weight directory of a real family with Qwen's 151,936-row vocabulary (tests/conftest.py
+``family_policy``; Qwen3-VL at 224 px, its answers in relative coordinates): those answer at random, so
+the reward checks after the warm start are the tiny rows'; every other check holds for all three.
+The jobs share one local Ray; each starts and stops its own actors.
 """
 import itertools
 import math
@@ -22,6 +26,7 @@ import pytest
 
 from config import load_config
 from learner.engine import learning_rate
+from tests.conftest import FAMILY_IMAGE_SIZE
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +59,24 @@ LEVELS = {
     "cluster.reward_autoscale.enabled": ["false", "true"],
     "rollout.min_new_tokens": ["0", "40"],
     "learner.logprob_chunk_tokens": ["1024", "0"],
+    "policy": ["tiny", "qwen2_5_vl", "qwen3_vl"],
 }
 # One row per job: the level index of each switch above, in order (a pairwise covering array).
 DESIGN = [
-    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1],
-    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0],
-    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 1],
-    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
-    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0],
-    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1, 1],
-    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 0],
-    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 1],
-    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+    [0, 2, 2, 2, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2],
+    [1, 0, 1, 2, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1, 2],
+    [1, 1, 2, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 2],
+    [1, 2, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 1, 1],
+    [2, 0, 2, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+    [2, 1, 0, 2, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 2],
+    [2, 2, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1, 1, 1],
+    [3, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 0, 1],
+    [3, 1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0],
+    [3, 2, 2, 2, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    [1, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [3, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
 ]
 # What every job shares: small. Each starts from a policy warm-started once per answer format (a real
 # launch.py job, the default's 200-step warm start, tests/conftest.py), and runs 2 warm-start steps of
@@ -112,19 +120,26 @@ def warm_policies(local_ray, warm_policy):
     return {rules: warm_policy(rules) for rules in LEVELS["reward.rules"]}
 
 
+def policy_overrides(policy: str, rules: str, warm_policies: dict, family_policy) -> list[str]:
+    """The policy of a row and the image size it runs at."""
+    if policy == "tiny":
+        return [f"model.policy_path={warm_policies[rules]}"]
+    return [f"model.policy_path={family_policy(policy)}", f"model.image_size={FAMILY_IMAGE_SIZE[policy]}"]
+
+
 class Crash(Exception):
     pass
 
 
 @pytest.mark.parametrize("row", range(len(DESIGN)), ids=[f"job{i}" for i in range(len(DESIGN))])
-def test_mode(row, warm_policies, tmp_path, monkeypatch):
+def test_mode(row, warm_policies, family_policy, tmp_path, monkeypatch):
     import launch
     from cluster.job import Job
 
     settings = job_settings(DESIGN[row])
-    resume = settings.pop("--resume")
-    overrides = COMMON + [f"{k}={v}" for k, v in settings.items()] + [
-        f"train.output_dir={tmp_path}", f"model.policy_path={warm_policies[settings['reward.rules']]}"]
+    resume, policy = settings.pop("--resume"), settings.pop("policy")
+    overrides = COMMON + [f"{k}={v}" for k, v in settings.items()] + [f"train.output_dir={tmp_path}"] + \
+        policy_overrides(policy, settings["reward.rules"], warm_policies, family_policy)
     cfg = load_config(None, overrides + (["train.checkpoint_every=1"] if resume else []))
     if resume:  # a crash right after the step-2 checkpoint is complete, then --resume
         save = Job.save_checkpoint
@@ -170,9 +185,13 @@ def test_mode(row, warm_policies, tmp_path, monkeypatch):
         assert trained == [1, 2, 3]
     assert ([every["weight_version"][s] for s in trained]
             == [cfg.train.sft_steps + i for i in range(1, len(trained) + 1)])
-    # After the warm start the greedy answers already earn format points (and a mask, where it is scored).
-    assert every["eval/reward_think_format"][0] > 0 and every["eval/reward_answer_format"][0] > 0
-    assert any(every["reward/answer_format"].get(s, 0) > 0 for s in trained) or not trained
+    # After the warm start the tiny policy's greedy answers already earn format points (and a mask, where it
+    # is scored); a random real-vocabulary policy's are scored too, and earn nothing.
+    if policy == "tiny":
+        assert every["eval/reward_think_format"][0] > 0 and every["eval/reward_answer_format"][0] > 0
+        assert any(every["reward/answer_format"].get(s, 0) > 0 for s in trained) or not trained
+    else:
+        assert cfg.reward.coordinates == ("relative_1000" if policy == "qwen3_vl" else "pixels")
     # vLLM and the learner score the sampled tokens under one distribution (policy/sampling.py: logit bias,
     # min tokens, temperature): the tokens sampled with the learner's current weights agree, checked by the
     # job itself (cluster.max_logprob_drift) and here. On-policy that is every token; one-step off-policy

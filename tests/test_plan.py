@@ -12,7 +12,7 @@ import torch
 from cluster.plan import make_plan
 from config import REPO, load_config
 
-RECIPES = ["segzero_7b", "segzero_3b", "segzero_7b_mask_iou"]
+RECIPES = ["segzero_7b", "segzero_3b", "segzero_7b_mask_iou", "qwen3vl_8b"]
 GB = 1e9
 
 
@@ -41,6 +41,23 @@ def test_seven_b_numbers():
     assert plan.other["image_tokens"] == 900  # 840 px / 28 px per token, squared
     assert plan.other["sync bytes"] == 2 * 8_292_166_656
     assert plan.other["checkpoint bytes"] == 12 * 8_292_166_656  # ZeRO-3: fp32 master + Adam
+
+
+@pytest.mark.parametrize("name, params, vision", [
+    ("Qwen3-VL-4B-Instruct", 4_437_815_808, 415_347_712),
+    ("Qwen3-VL-8B-Instruct", 8_767_123_696, 576_388_336),
+    ("Qwen3-VL-32B-Instruct", 33_357_390_064, 595_266_800),
+])
+def test_qwen3_vl_shapes(name, params, vision):
+    """The published Qwen3-VL shapes (configs/models/), counted on the meta device: deepstack mergers in
+    the tower, 32-px tokens (832 px: 26 x 26), and an image size that is no multiple of 32 is a problem."""
+    cfg = recipe("qwen3vl_8b", [f"model.policy_path=/models/{name}"])
+    plan = make_plan(cfg, cfg.model.policy_path, 8)
+    assert (plan.other["params"], plan.other["vision_params"]) == (params, vision)
+    assert plan.other["image_tokens"] == 26 * 26
+    bad = make_plan(recipe("qwen3vl_8b", [f"model.policy_path=/models/{name}", "model.image_size=840"]),
+                    f"/models/{name}", 8)
+    assert any("model.image_size: 840 is not a multiple of 32" in p for p in bad.problems), bad.problems
 
 
 def test_the_logits_term_is_one_chunk_of_the_vocabulary():

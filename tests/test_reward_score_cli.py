@@ -51,3 +51,17 @@ def test_cli_default_rules_and_bad_arguments(tmp_path):
     assert proc.returncode == 0 and out[0]["total"] == 5.0
     proc, _ = run(tmp_path, ["{}"], "--rules", "nope")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_cli_relative_coordinates(tmp_path):
+    """Qwen3-VL's answers (0..1000 of a 500-px image) score as their pixel equivalents; read as pixels
+    they miss; --coordinates relative_1000 without --image-size is refused with a message."""
+    relative = '<think>x</think><answer>{"bbox": [20,200,400,420], "points_1": [60,220], "points_2": [70,360]}</answer>'
+    line = json.dumps({"response": relative, "solution": SEG_SOL})
+    proc, out = run(tmp_path, [line], "--coordinates", "relative_1000", "--image-size", "500")
+    assert proc.returncode == 0, proc.stderr
+    assert out[0]["total"] == 5.0
+    proc, out = run(tmp_path, [line])
+    assert out[0]["bbox_iou"] == out[0]["bbox_l1"] == 0.0
+    proc, _ = run(tmp_path, [line], "--coordinates", "relative_1000")
+    assert proc.returncode == 2 and "--image-size" in proc.stderr

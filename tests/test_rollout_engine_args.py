@@ -7,7 +7,7 @@ from config import REPO, load_config
 from rollout.worker import engine_args
 
 RECIPES = {"segzero_7b": "Qwen2.5-VL-7B-Instruct", "segzero_3b": "Qwen2.5-VL-3B-Instruct",
-           "segzero_7b_mask_iou": "Qwen2.5-VL-7B-Instruct"}
+           "segzero_7b_mask_iou": "Qwen2.5-VL-7B-Instruct", "qwen3vl_8b": "Qwen3-VL-8B-Instruct"}
 
 
 @pytest.mark.parametrize("recipe, model", RECIPES.items())
@@ -22,8 +22,8 @@ def test_gpu_engine_args_pass_vllms_own_validation(recipe, model, tp):
     assert ("distributed_executor_backend" in args) == (tp > 1)
     model_config = EngineArgs(**args, skip_tokenizer_init=True).create_model_config()
     assert model_config.max_model_len == cfg.rollout.max_model_len
-    assert model_config.hf_config.model_type == "qwen2_5_vl"
-    pixels = cfg.model.image_size ** 2  # 840 px images reach vLLM unresized, as the learner sees them
+    assert model_config.hf_config.model_type == ("qwen3_vl" if recipe == "qwen3vl_8b" else "qwen2_5_vl")
+    pixels = cfg.model.image_size ** 2  # 840 (832) px images reach vLLM unresized, as the learner sees them
     assert (model_config.multimodal_config.mm_processor_kwargs["size"]
             == {"shortest_edge": pixels, "longest_edge": pixels})
 
