@@ -180,7 +180,10 @@ def warm_start(job, state) -> None:
     job.learners.export_hf(job.warm_start_dir)
     log.info("warm-started policy: %s", job.warm_start_dir)
     job.learners.set_reference(job.warm_start_dir)
-    job.rollouts.sync_from(job.learners, state.version)
+    # the first sync's time and parity, under sft/ at the last warm-start step (a run whose GRPO steps are
+    # all skipped by dynamic sampling syncs nothing else)
+    synced = job.rollouts.sync_from(job.learners, state.version)
+    mlflow.log_metrics({f"sft/{k}": float(v) for k, v in synced.items()}, step=state.sft_done)
 
 
 def grpo_step(job, state, step: int) -> dict:

@@ -209,9 +209,12 @@ def test_mode(row, warm_policies, family_policy, tmp_path, monkeypatch):
     # The learning rate of each update is the schedule's at its GRPO step (resume included).
     for step in trained:
         assert every["lr"][step] == pytest.approx(learning_rate(cfg.train.sft_steps + step - 1, cfg), rel=1e-6)
-    # Every sync reached every rollout worker with the learner's weights (the job checks the probe itself).
-    assert max(every["sync/parity_max_diff"].values()) <= cfg.cluster.sync_parity_tolerance
-    if settings["rollout.weight_sync"] == "collective":  # one group, built at the first sync, reused by every step
+    # Every sync reached every rollout worker with the learner's weights (the job checks the probe itself):
+    # the warm start's and every trained step's. A random real-vocabulary policy's rewards all tie, so under
+    # dynamic sampling its steps are all skipped and the warm start's sync is its only one.
+    parity = [*every["sft/sync/parity_max_diff"].values(), *every.get("sync/parity_max_diff", {}).values()]
+    assert len(parity) == 1 + len(trained) and max(parity) <= cfg.cluster.sync_parity_tolerance, parity
+    if settings["rollout.weight_sync"] == "collective" and trained:  # one group, built at the first sync, reused
         assert set(every["sync/group_rebuilds"].values()) == {0}
     assert (tmp_path / "best_policy" / "best.json").exists() == cfg.eval.keep_best
     assert ("best/step" in every) == cfg.eval.keep_best
@@ -221,7 +224,7 @@ def test_mode(row, warm_policies, family_policy, tmp_path, monkeypatch):
         # Each decision sizes the pool of the next round started: the next step's, or off-policy the one
         # after (the next round already runs while the step ends). A resumed job continues with the
         # checkpoint's pool and autoscaler state.
-        decided, lag = every["autoscale/reward_workers"], 2 if settings["rollout.off_policy"] == "true" else 1
+        decided, lag = every.get("autoscale/reward_workers", {}), 2 if settings["rollout.off_policy"] == "true" else 1
         assert sorted(decided) == trained and set(decided.values()) <= {1, 2}
         for step in trained:
             if step + lag <= STEPS:
