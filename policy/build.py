@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from policy.family import FAMILIES
+from policy.tiny import CHAT_TEMPLATE
 
 VOCAB_ROWS = 151936  # both families' embedding rows (the tokenizer's 151,665 / 151,669 ids, padded)
 QWEN2_5_VL_SPECIAL = [
@@ -30,22 +31,10 @@ QWEN2_5_VL_SPECIAL = [
 # Qwen3-VL's tokenizer adds these four after them, as ordinary (not special) added tokens
 QWEN3_ADDED = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 
-_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}SYSTEM{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' or 'image' in c %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# Qwen2.5-VL's template adds the default system turn; Qwen3-VL's does not
+# Qwen2.5-VL's template (the tiny policy's) adds the default system turn; Qwen3-VL's does not
 CHAT_TEMPLATES = {
-    "qwen2_5_vl": _TEMPLATE.replace("SYSTEM", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),
-    "qwen3_vl": _TEMPLATE.replace("SYSTEM", ""),
+    "qwen2_5_vl": CHAT_TEMPLATE,
+    "qwen3_vl": CHAT_TEMPLATE.replace("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", ""),
 }
 
 
