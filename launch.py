@@ -44,6 +44,14 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     cfg = load_config_or_exit(args.config, args.overrides)
+    if cfg.model.policy_path:  # the checkpoint's family against the config, before anything starts
+        from policy.prepare import prepare_policy
+
+        try:
+            prepare_policy(cfg)
+        except (RuntimeError, ValueError) as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster.job import STOPPING_ERRORS
 

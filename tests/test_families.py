@@ -170,3 +170,19 @@ def test_prompt_states_the_convention():
     relative_example = "{'bbox': [12,119,238,250], 'points_1': [36,131], 'points_2': [42,214]}"
     assert example_answer("segzero", "relative_1000") == relative_example
     assert '"bbox_2d": [268,352,840,936]' in chat_prompt("all red", "multi_object", "relative_1000")
+
+
+def test_launch_refuses_a_family_mismatch_at_start_in_one_line(family_policy, capsys, tmp_path):
+    """`python launch.py model.policy_path=DIR` with an image size the family cannot take, or a directory of
+    another model type: one line naming the field, exit code 2, before Ray or any engine starts."""
+    import launch
+
+    policy = family_policy("qwen3_vl")
+    capsys.readouterr()  # its build's progress bars
+    assert launch.main([f"model.policy_path={policy}"]) == 2  # the default 112 px
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "config error: model.image_size: 112 is not a multiple of 32 (Qwen3-VL: patch 16 x merge 2); use 96 or 128"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert launch.main([f"model.policy_path={tmp_path}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("config error: model.policy_path: ") and "'llava' checkpoint; this trainer knows" in line
