@@ -13,16 +13,18 @@ Placement:
   one plain actor with ``cluster.rollout`` resources;
 - reward workers: plain actors with ``cluster.reward`` resources (fractional GPUs pack several per GPU).
 ``PLACEMENT`` remembers which (group, bundle) each actor was started in, for the topology summary and
-so that removing a rollout worker frees its group.
+so that removing a rollout worker frees its group. ``wait_until_alive``: an actor Ray restarts answers again.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import ActorUnavailableError, GetTimeoutError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -106,3 +108,17 @@ def free_placement(actor) -> None:
     pg, bundle = PLACEMENT.pop(actor, (None, 0))
     if pg is not None and bundle == 0 and not any(other_pg == pg for other_pg, _ in PLACEMENT.values()):
         remove_placement_group(pg)
+
+
+def wait_until_alive(actor, deadline: float) -> None:
+    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
+                               "deadline (cluster.call_timeout_s)")
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=left)
+            return
+        except (ActorUnavailableError, GetTimeoutError):
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

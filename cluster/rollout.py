@@ -26,8 +26,8 @@ import time
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cluster.placement import PLACEMENT, free_placement, rollout_placement
-from cluster.weight_sync import make_weight_sync, wait_until_alive
+from cluster.placement import PLACEMENT, free_placement, rollout_placement, wait_until_alive
+from cluster.weight_sync import make_weight_sync
 from config import Config
 from data.dataset import Sample
 from reward.worker import reward_group

@@ -8,20 +8,9 @@ A push first waits until every worker is free (``wait_idle``, bounded by cluster
 off-policy round's generation); only then does cluster.sync_timeout_s start, so neither ``time/sync``
 nor its deadline includes generation. Workers still busy then (hung), or that die or stop answering
 during the push (``SyncFailure``), are named and restarted by Ray, and the push is made again, once.
-
-- ``RpcSync``: learner rank 0 streams its buckets into Ray's object store (``bucket_refs``; under ZeRO-3
-  every rank helps gather each bucket), each put ONCE and loaded by every worker (``push_weights``:
-  one update session per worker, then ``commit_weights(version)``, whose reported version is checked).
-- ``CollectiveSync``: (1) membership: each worker's group epoch; (2) a new group (next epoch) when the
-  members changed (a restart, scaling, a restarted learner group); (3) the broadcast, the sender's and
-  every receiving process's bucket checksums compared (``WeightChecksumError``). Collective operations
-  time out after half of sync_timeout_s, so the members blocked behind a hung peer fail first and only
-  the hung worker stays silent.
-
 ``kept``: what a restarted or added worker is resynced from over RPC without waiting behind a learner
-step (RPC's bucket refs; collective one-step off-policy, the same buckets put by rank 0 as it sends;
-synchronous, none: the idle learner serves them). Parity (cluster.sync_parity_check): after every push
-and resync, learner rank 0's raw logprobs of a fixed probe against what each worker serves.
+step. Parity (cluster.sync_parity_check): after every push and resync, learner rank 0's raw logprobs
+of a fixed probe against what each worker serves.
 """
 from __future__ import annotations
 
@@ -31,9 +20,10 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.learners import LearnerLost
+from cluster.placement import wait_until_alive
 from weight_sync.buckets import layout
 
 log = logging.getLogger(__name__)
@@ -91,25 +81,11 @@ def drain(streams: list, deadline: float, too_slow: Exception) -> list:
     return refs
 
 
-def bucket_refs(learners, bucket_bytes: int, deadline: float, too_slow: Exception) -> list:
+def bucket_refs(learners, bucket_bytes: int, version: int, timeout_s: float) -> list:
     """Rank 0's weight buckets (lists of (HF name, tensor)) as object refs in Ray's object store, in
-    order; raises ``too_slow`` when ``deadline`` passes."""
+    order, within ``timeout_s`` (cluster.sync_timeout_s)."""
     return drain([r.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for r in learners.ranks],
-                 deadline, too_slow)
-
-
-def wait_until_alive(actor, deadline: float) -> None:
-    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
-                               "deadline (cluster.call_timeout_s)")
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=left)
-            return
-        except (ActorUnavailableError, GetTimeoutError):
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                 time.monotonic() + timeout_s, sync_timeout(version, timeout_s))
 
 
 def wait_idle(workers: list, timeout_s: float, pump=None) -> list:
@@ -126,14 +102,17 @@ def wait_idle(workers: list, timeout_s: float, pump=None) -> list:
     return [refs[r] for r in waiting]
 
 
-def push_weights(workers: list, refs: list, version: int, deadline: float, too_slow: Exception) -> tuple[int, list]:
+def push_weights(workers: list, refs: list, version: int, timeout_s: float) -> int:
     """Every bucket to every worker's ``load_weights``, then ``commit_weights(version)`` on each, reported
-    versions checked; (bytes loaded per worker, the workers found dead: the others still commit)."""
+    versions checked; returns the bytes loaded per worker. Workers found dead: a SyncFailure (the others
+    still commit); no answer within ``timeout_s`` (cluster.sync_timeout_s): TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+
     def get(pending):
         try:
             return ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
         except GetTimeoutError as exc:
-            raise too_slow from exc
+            raise sync_timeout(version, timeout_s) from exc
 
     loads = [[w.load_weights.remote(ref) for ref in refs] for w in workers]
     alive, dead, n_bytes = [], [], 0
@@ -152,7 +131,9 @@ def push_weights(workers: list, refs: list, version: int, deadline: float, too_s
         if reported != version:
             raise RuntimeError(f"weight sync: rollout workers [{workers.index(worker)}] report versions [{reported}], "
                                f"expected {version}")
-    return n_bytes, dead
+    if dead:
+        raise SyncFailure("rpc", dead=dead)
+    return n_bytes
 
 
 class WeightSync(abc.ABC):
@@ -229,15 +210,6 @@ class WeightSync(abc.ABC):
         for worker in [*hung, *dead]:
             wait_until_alive(worker, deadline)
 
-    def _load(self, workers: list, refs: list, version: int) -> tuple[int, None]:
-        """``push_weights`` of ``refs``; the workers found dead are a SyncFailure."""
-        c = self.cfg.cluster
-        too_slow = sync_timeout(version, c.sync_timeout_s)
-        n_bytes, dead = push_weights(workers, refs, version, time.monotonic() + c.sync_timeout_s, too_slow)
-        if dead:
-            raise SyncFailure("rpc", dead=dead)
-        return n_bytes, None
-
     def resync(self, worker) -> None:
         """The last pushed version to one restarted or added worker over RPC, parity-checked: from the kept
         buckets, or (none kept: synchronous collective, the learner is idle and holds exactly that
@@ -245,25 +217,32 @@ class WeightSync(abc.ABC):
         if self.kept is None:
             return
         version, refs = self.kept
+        c = self.cfg.cluster
         if refs is None:
-            refs = self._bucket_refs(self.learners, version)
-        self._retry([worker], version, lambda: self._load([worker], refs, version))
+            refs = bucket_refs(self.learners, c.sync_bucket_mb << 20, version, c.sync_timeout_s)
+        self._retry([worker], version, lambda: (push_weights([worker], refs, version, c.sync_timeout_s), None))
         if self.reference is not None:
             self._check_parity([worker])
 
-    def _bucket_refs(self, learners, version: int) -> list:
-        c = self.cfg.cluster
-        return bucket_refs(learners, c.sync_bucket_mb << 20, time.monotonic() + c.sync_timeout_s,
-                           sync_timeout(version, c.sync_timeout_s))
-
 
 class RpcSync(WeightSync):
+    """Learner rank 0 streams its buckets into Ray's object store (under ZeRO-3 every rank helps gather
+    each bucket), each put once and loaded by every worker (``push_weights``); kept: those refs."""
+
     def _attempt(self, learners, workers: list, version: int) -> tuple[int, None]:
-        self.kept = (version, self._bucket_refs(learners, version))
-        return self._load(workers, self.kept[1], version)
+        c = self.cfg.cluster
+        self.kept = (version, bucket_refs(learners, c.sync_bucket_mb << 20, version, c.sync_timeout_s))
+        return push_weights(workers, self.kept[1], version, c.sync_timeout_s), None
 
 
 class CollectiveSync(WeightSync):
+    """(1) membership: each worker's group epoch; (2) a new group (next epoch) when the members changed (a
+    restart, scaling, a restarted learner group); (3) the broadcast, the sender's and every receiving
+    process's bucket checksums compared (``WeightChecksumError``). Collective operations time out after
+    half of sync_timeout_s, so the members blocked behind a hung peer fail first and only the hung worker
+    stays silent. Kept: off-policy, the buckets rank 0 put as it sent; synchronous, none (the idle learner
+    serves a resync)."""
+
     def __init__(self, cfg, parity_probe: dict | None = None):
         super().__init__(cfg, parity_probe)
         self.members: list = []  # the workers the current group was built for, in rank order

@@ -26,10 +26,10 @@ def export_hf(sender: WeightSender, processor, policy_path: str, dtype: torch.dt
     from transformers import AutoConfig, GenerationConfig
 
     out = Path(out_dir)
-    params = sender.params(trainable_only=False)
+    params = sender.synced_params(trainable_only=False)
     total = len(plan_buckets(params, SHARD_BYTES))
     weight_map: dict[str, str] = {}
-    for i, tensors in enumerate(sender.buckets(SHARD_BYTES, trainable_only=False)):
+    for i, tensors in enumerate(sender.weight_buckets(SHARD_BYTES, trainable_only=False)):
         if sender.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_file(dict(tensors), str(out / shard_name(i, total)), metadata={"format": "pt"})

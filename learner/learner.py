@@ -47,7 +47,9 @@ from weight_sync.sender import WeightSender
 log = logging.getLogger(__name__)
 
 
-class Learner:
+class Learner(WeightSender):
+    """The weights leave through ``weight_sync.sender.WeightSender``'s methods (sync) and ``export_hf``."""
+
     def __init__(self, cfg: Config, policy_path: str, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500,
                  device_index: Callable[[], int] | None = None):
@@ -65,7 +67,6 @@ class Learner:
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.engine, self.optimizer = policy_engine(cfg, self.policy_path, self.dtype)
         self.model = self.engine.module
-        self.sender = WeightSender(self.model, cfg.learner.zero_stage, rank, self.device)
         r = cfg.rollout
         self.forward = Forward(cfg, self.device, self.dtype,
                                SamplingRule.of(self.processor.tokenizer, self.policy_path, r.temperature,
@@ -277,26 +278,11 @@ class Learner:
             self.ref = None  # free the old copy first
             self.ref = reference_model(self.cfg, str(policy_dir), self.dtype, self.device)
 
-    # ------------------------------------------------------------------ weights out (weight_sync/)
-
-    def weight_plan(self, bucket_bytes: int, trainable_only: bool = True) -> list:
-        return self.sender.plan(bucket_bytes, trainable_only)
-
-    def weight_buckets(self, bucket_bytes: int, trainable_only: bool = True, device: str = "cpu") -> Iterator:
-        yield from self.sender.buckets(bucket_bytes, trainable_only, device)
-
-    def weight_group_address(self) -> tuple[str, int]:
-        return self.sender.group_address()
-
-    def join_weight_group(self, address: str, port: int, world_size: int, timeout_s: float, epoch: int) -> None:
-        self.sender.join(address, port, world_size, timeout_s, epoch)
-
-    def broadcast_weights(self, bucket_bytes: int, keep: bool = False) -> Iterator:
-        yield from self.sender.broadcast(bucket_bytes, keep)
+    # ------------------------------------------------------------------ weights out
 
     def export_hf(self, out_dir: str | Path) -> None:
         """An HF directory of the current policy (learner/export.py); rank 0 writes."""
-        export_hf(self.sender, self.processor, self.policy_path, self.dtype, out_dir)
+        export_hf(self, self.processor, self.policy_path, self.dtype, out_dir)
 
     # ------------------------------------------------------------------ checkpoints
 

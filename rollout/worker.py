@@ -34,7 +34,7 @@ from weight_sync.buckets import to_bytes
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "weight_sync.vllm_receiver.WeightSyncExtension"
+EXTENSION = "rollout.vllm_extension.RolloutExtension"
 
 
 class RolloutWorker:

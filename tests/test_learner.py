@@ -107,7 +107,7 @@ def test_weight_buckets_every_param_once_in_order(learner, policy_dir):
     with safe_open(str(policy_dir / "model.safetensors"), "pt") as f:
         file_keys = set(f.keys())
         original = {k: f.get_tensor(k) for k in file_keys}
-    expected = [learner.sender.names[n] for n, _ in params]
+    expected = [learner.weight_names[n] for n, _ in params]
     assert set(expected) == file_keys  # names are the checkpoint's, not the module tree's
     largest = max(p.numel() * p.element_size() for _, p in params)
     for bucket_bytes in (1, 4096, 100_000, largest, 1 << 40):

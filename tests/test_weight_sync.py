@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 
 from cluster.learners import LearnerGroup  # noqa: E402
 from cluster.rollout import RolloutGroup  # noqa: E402
-from cluster.weight_sync import WeightChecksumError, bucket_refs, push_weights, sync_timeout  # noqa: E402
+from cluster.weight_sync import WeightChecksumError, bucket_refs, push_weights  # noqa: E402
 from config import REPO, Config  # noqa: E402
 from policy.prompt import chat_prompt  # noqa: E402
 from policy.tiny import build_tiny_policy  # noqa: E402
@@ -166,10 +166,7 @@ def rollout_group(learners, workers, sync_timeout_s=300.0, weight_sync="rpc", ca
 
 
 def sync(learners, workers, version, bucket_bytes):
-    deadline, err = time.monotonic() + 300, sync_timeout(version, 300)
-    n_bytes, dead = push_weights(workers, bucket_refs(learners, bucket_bytes, deadline, err), version, deadline, err)
-    assert dead == []
-    return n_bytes
+    return push_weights(workers, bucket_refs(learners, bucket_bytes, version, 300), version, 300)
 
 
 @pytest.mark.parametrize("bucket_bytes", [1, 100_000, 1 << 20, 1 << 40])
@@ -304,8 +301,7 @@ class GroupReceiver(Receiver.__ray_actor_class__):
 
 def learner_weights(learners) -> list:
     """The learner's current trainable weights, over RPC, as (name, tensor) in send order."""
-    deadline, err = time.monotonic() + 300, sync_timeout(0, 300)
-    return [(n, t) for ref in bucket_refs(learners, learners.cfg.cluster.sync_bucket_mb << 20, deadline, err)
+    return [(n, t) for ref in bucket_refs(learners, learners.cfg.cluster.sync_bucket_mb << 20, 0, 300)
             for n, t in ray.get(ref)]
 
 

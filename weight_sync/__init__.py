@@ -21,7 +21,7 @@
 
 Two paths (``rollout.weight_sync``): ``rpc``, every bucket put once in Ray's object store and loaded
 by each rollout worker; ``collective``, one broadcast group (gloo on CPU, NCCL on GPU) from learner
-rank 0 into every vLLM worker process. Here, plain Python: the learner's side (``sender``), the
-engine's (``vllm_receiver``, mixed into vLLM's worker), what both share (``buckets``, ``group``). The
-driver's side, which needs Ray, is cluster/weight_sync.py.
+rank 0 into every vLLM worker process. Here, plain Python: the learner's side (``sender``, mixed into
+``learner.Learner``), the engine's (``vllm_receiver``, mixed into vLLM's worker), what both share
+(``buckets``, ``group``). The driver's side, which needs Ray, is cluster/weight_sync.py.
 """

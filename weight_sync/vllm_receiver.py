@@ -91,13 +91,3 @@ class WeightSyncExtension:
             raise
         self.end_weight_load(version)
         return sums
-
-    def reseed(self, seed: int) -> None:
-        """Reseeds the generators the sampler draws from when requests carry no seed of their own."""
-        import random
-
-        import numpy as np
-
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
