@@ -224,11 +224,16 @@ def test_reward_pool_sizes_itself_with_sam2(tmp_path, memorised_policy):
         "tracking.system_metrics=false", "cluster.job_name=autoscale-test", "cluster.reward_workers=1",
         "cluster.reward_autoscale.enabled=true", "cluster.reward_autoscale.max_workers=2",
         "cluster.reward_autoscale.up_tail_fraction=0.3", "cluster.reward_autoscale.down_tail_fraction=0.1",
-        "cluster.reward_autoscale.cooldown_steps=2"])
+        "cluster.reward_autoscale.cooldown_steps=2",
+        # MLflow store and experiment of the user's choosing: the run goes there, not to the output dir's store
+        f"tracking.mlflow_uri=sqlite:///{tmp_path / 'tracking' / 'runs.db'}", "tracking.experiment=autoscale-sam2"])
+    (tmp_path / "tracking").mkdir()
     launch.train(cfg)
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("seg-grpo").experiment_id])
+    assert not (tmp_path / "mlflow.db").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'tracking' / 'runs.db'}")
+    assert client.get_experiment_by_name("seg-grpo") is None
+    (run,) = client.search_runs([client.get_experiment_by_name("autoscale-sam2").experiment_id])
     history = lambda name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name),  # noqa: E731
                                                     key=lambda m: m.step)]
     sizes, changes, decided = (history("pool/reward_workers"), history("autoscale/change"),

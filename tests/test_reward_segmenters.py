@@ -98,3 +98,12 @@ def test_sam2_random_weights_one_batched_decode_and_cache_hit():
     assert seg.set_image("img", image) is True  # restored from the cache: no encoder call
     assert calls["encoder"] == 2
     np.testing.assert_array_equal(seg.predict(boxes, points), masks)
+
+
+@pytest.mark.parametrize("name, blocks", [("t", 1 + 2 + 7 + 2), ("s", 1 + 2 + 11 + 2)])
+def test_sam2_config_picks_the_model_size(name, blocks):
+    """reward.sam2_config builds the named SAM2 (Hiera-T and -S share their width, not their depth)."""
+    cfg = RewardConfig(segmenter="sam2", sam2_allow_random_weights=True,
+                       sam2_config=f"configs/sam2.1/sam2.1_hiera_{name}.yaml")
+    seg = make_segmenter(cfg, "cpu")
+    assert len(seg.predictor.model.image_encoder.trunk.blocks) == blocks
