@@ -151,7 +151,9 @@ class RolloutConfig(Section):
         0.5, gt=0, le=1, description="vLLM memory fraction on GPU. On CPU the KV cache size is kv_cache_gib instead.")
     kv_cache_gib: float = Field(
         1.0, gt=0, description="CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
-    enforce_eager: bool = Field(True, description="Skip vLLM graph capture/compilation (faster start, slower decode).")
+    enforce_eager: bool = Field(True, description="Run vLLM eagerly: no torch.compile or CUDA graphs. On CPU the "
+                                "compiled path decodes faster but starts ~17-25 s later; the default run took 1.24x "
+                                "as long compiled (docs/benchmarks.md). The GPU recipes set false.")
     engine_in_process: bool = Field(
         True, description="Run vLLM's engine and (with tensor_parallel_size 1) its worker inside the rollout "
         "process (VLLM_ENABLE_V1_MULTIPROCESSING=0): faster start, no extra processes, weights passed by "
