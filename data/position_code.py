@@ -5,8 +5,11 @@ attention's values, so a token cannot *read* where it is. A pretrained tower lea
 from real images; the tiny random one cannot in a few hundred steps (docs/learnability.md). So every
 14-px patch of a synthetic image starts with ``BARCODE_ROWS`` rows of pixels that spell out the
 position of its 28-px merged cell (the cell one image token covers), and the tiny policy's vision
-tower is initialised to read them (``policy.tiny.init_position_reader``). Shapes never cover a barcode;
-masks, boxes and points are those of the shapes as drawn, so the rewards are unchanged.
+tower is initialised to read them (``policy.tiny.init_position_reader``). The barcodes are written over
+the shapes (``data.synthetic_barcodes=objects``: only the patches that hold a shape pixel; ``all``: every
+patch), so 2 of every 14 pixel rows of a shape (~12% of its pixels) carry its position instead of its
+colour, like stripes; masks, boxes and points stay those of the whole shape (what an annotator outlines),
+so the rewards and the reference answers do not depend on the barcodes.
 
 The code of a cell centred at (cx, cy) px is f = [fourier(cx), fourier(cy)], 4K numbers, with
 fourier(n) = [cos(w_k n), sin(w_k n)]_k, K frequencies, periods geometric from 6 px to 4 * image_size:

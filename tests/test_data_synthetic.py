@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from data.masks import bbox_from_mask, decode_rle
+from data.position_code import BARCODE_ROWS, PATCH
 from data.synthetic import COLOURS, matching_shapes, reference_answer, synthetic_row, write_synthetic
 
 
@@ -30,9 +31,15 @@ def test_schema_columns(tmp_path):
     assert Image.open(io.BytesIO(row["image"])).size == (56, 56)
 
 
-def test_each_row_mask_matches_query_target():
+@pytest.mark.parametrize("barcodes", ["off", "objects", "all"])
+def test_each_row_mask_matches_query_target(barcodes):
+    """The mask is the target shape as drawn. With barcodes on, the top BARCODE_ROWS pixel rows of every
+    14-px patch that holds a shape pixel ("objects"; every patch: "all") carry the patch's position instead
+    of colour, shapes included (data/position_code.py): every other pixel of the mask is the target's colour,
+    and no pixel outside it is, barcode rows aside."""
+    barcode_row = (np.arange(112) % PATCH < BARCODE_ROWS)[:, None].repeat(112, axis=1)
     for i in range(60):
-        r = synthetic_row(i, image_size=112, seed=1)
+        r = synthetic_row(i, image_size=112, seed=1, barcodes=barcodes)
         mask = decode_rle(r["mask"])
         assert mask.shape == (112, 112) and mask.any()
         assert r["bbox"] == bbox_from_mask(mask)
@@ -40,11 +47,15 @@ def test_each_row_mask_matches_query_target():
             assert mask[y, x]
         pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
         colour, shape = r["reasoning"].split()
-        assert (pixels[mask] == COLOURS[colour]).all()          # the mask covers exactly the target's colour
+        coloured = (pixels == COLOURS[colour]).all(axis=-1)
+        drawn = mask & ~barcode_row if barcodes != "off" else mask
+        assert coloured[drawn].all()                            # the mask covers exactly the target's colour
+        if barcodes != "off":                                   # ... up to the barcode rows, which it keeps
+            assert not coloured[mask & barcode_row].all()
         if r["kind"] in ("colour", "colour_shape"):
             assert colour in r["problem"]
         if r["kind"] == "colour":                               # a unique colour: no other pixel has it
-            assert (pixels == COLOURS[colour]).all(axis=-1).sum() == mask.sum()
+            assert coloured.sum() == drawn.sum()
         if r["kind"] in ("shape", "colour_shape"):
             assert shape in r["problem"]
 
