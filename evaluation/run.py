@@ -36,9 +36,10 @@ PROTOCOLS = ("default", "segzero")
 
 def evaluate_answers(samples: list[Sample], responses: list[str], response_tokens: list[int],
                      scorer: RewardWorker, model_size: int, overlay_dir: str | Path | None = None,
-                     max_overlays: int = 4, protocol: str = "default") -> dict:
+                     max_overlays: int = 4, protocol: str = "default", masks: list | None = None) -> dict:
     """Metrics of ``responses`` (one per sample) scored by ``scorer`` (a RewardWorker built with
-    ``segment=True``, so it segments even when the mask term is off).
+    ``segment=True``, so it segments even when the mask term is off). ``masks``: the predicted mask of
+    each sample instead of its answer's (a vote over several answers, evaluation/voting.py).
 
     Always: the training reward of the answers (``reward_<term>`` per term, ``reward`` the weighted
     total, means over samples), ``parse_failure_rate`` (no segmenter prompt in the answer),
@@ -57,6 +58,7 @@ def evaluate_answers(samples: list[Sample], responses: list[str], response_token
     failures, overlays, records, box_ious, reward_sums = 0, [], [], [], {}
     for i, (sample, response) in enumerate(zip(samples, responses)):
         (scores,), (pred,) = scorer.score_group(reward_group(sample, [response], rules, model_size), with_masks=True)
+        pred = pred if masks is None else masks[i]
         for term, value in scores.items():
             reward_sums[term] = reward_sums.get(term, 0.0) + value
         prompts = answer_prompts(rules, response, unit)

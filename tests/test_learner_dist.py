@@ -119,12 +119,12 @@ def runs(tmp_path_factory):
         _rank_main(0, 1, _free_port(), policy_dir, str(out))
     finally:
         torch.set_num_threads(threads)
-    deadline = time.monotonic() + 1200  # a hung rank fails the test instead of hanging the suite
+    deadline = time.monotonic() + 600  # a hung rank fails the test instead of hanging the suite (~90 s)
     while not two_ranks.join(timeout=5):
         if time.monotonic() > deadline:
             for process in two_ranks.processes:
                 process.kill()
-            raise TimeoutError("the two learner ranks did not finish within 1200 s")
+            raise TimeoutError("the two learner ranks did not finish within 600 s")
     load = lambda name: torch.load(out / name, weights_only=False)  # noqa: E731
     return policy_dir, out, load("world1_rank0.pt"), load("world2_rank0.pt"), load("world2_rank1.pt")
 

@@ -14,8 +14,11 @@ warm start -> after 70 GRPO steps:
   deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the loss or the
   advantages makes the reward fall.
 The seed this test runs, 0 (the default run, with its intermediate evaluations, which do not change
-the training): held-out gIoU 0.389 +- 0.013 -> 0.691 +- 0.009 (+0.302), held-out reward 6.44 -> 8.86
-(+2.42), parse failures 0.1% -> 0%; both margins are passed by more than three times.
+the training; a 2-core x86-64 machine): held-out gIoU 0.368 +- 0.013 -> 0.683 +- 0.010 (+0.315), held-out
+reward 6.38 -> 8.95 (+2.57), parse failures 0.3% -> 0%; both margins are passed by more than three times.
+With the learner's advantages zeroed (no GRPO signal) the same run ends at gIoU 0.383, reward 6.56: both
+assertions fail. The evaluation itself must be fine enough for GIOU_GAIN to mean something: two combined
+standard errors of the two evaluations (~0.03) stay below it (asserted).
 The training reward (4 prompts a step) is not asserted to rise: its first-10 and last-10 step means
 differ by the prompts drawn as much as by the policy.
 """
@@ -50,8 +53,9 @@ def test_grpo_improves_held_out_reward_and_iou_over_the_warm_start(tmp_path):
     assert held_out[steps] - held_out[0] >= HELD_OUT_REWARD_GAIN, held_out
     giou = history("eval/giou_segzero")
     assert giou[steps] - giou[0] >= GIOU_GAIN, giou
-    # ... and the gain is more than twice its standard error (the two evaluations' errors combined).
+    # The margin is more than twice the gain's standard error (the two evaluations' errors combined), so
+    # passing it is not luck of the held-out rows.
     se = history("eval/giou_segzero_se")
-    assert sorted(se) == [0, steps] and giou[steps] - giou[0] > 2 * (se[0] ** 2 + se[steps] ** 2) ** 0.5, (giou, se)
+    assert sorted(se) == [0, steps] and 2 * (se[0] ** 2 + se[steps] ** 2) ** 0.5 < GIOU_GAIN, se
     assert history("best/step") == {steps: float(max(giou, key=giou.get))}
     assert (out / "learning_curve.png").stat().st_size > 10_000

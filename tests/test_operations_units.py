@@ -79,6 +79,31 @@ def test_going_back_to_a_checkpoint_keeps_only_its_own_best_policy(tmp_path):
     assert restored(own, None) == (None, False)                   # an export cut short
 
 
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_the_best_policy_is_the_first_evaluation_with_the_highest_giou(tmp_path, keep_best):
+    """Evaluations whose best is neither the first nor the last, with a later tie: the policy exported as
+    best is the middle one's, exported only when an evaluation beats every earlier one; none with
+    eval.keep_best off."""
+    import json
+
+    exports = []
+
+    def export_hf(out):
+        exports.append(step)
+        out.mkdir(exist_ok=True)
+
+    job = SimpleNamespace(cfg=load_config(None, [f"eval.keep_best={str(keep_best).lower()}"]),
+                          best_dir=tmp_path / "best_policy", learners=SimpleNamespace(export_hf=export_hf))
+    best = None
+    for step, giou in [(0, 0.30), (2, 0.50), (4, 0.40), (6, 0.50), (8, 0.10)]:
+        best = Job.keep_if_best(job, best, step, {"giou_segzero": giou, "giou_segzero_se": 0.01, "n": 8})
+    if keep_best:
+        assert best == {"step": 2, "giou": 0.50, "giou_se": 0.01, "rows": 8} and exports == [0, 2]
+        assert json.loads((tmp_path / "best_policy" / "best.json").read_text()) == best
+    else:
+        assert best is None and exports == [] and not (tmp_path / "best_policy").exists()
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class Rank:
     def collective(self, gate):
