@@ -110,13 +110,13 @@ def free_placement(actor) -> None:
         remove_placement_group(pg)
 
 
-def wait_until_alive(actor, deadline: float) -> None:
-    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts."""
+def wait_until_alive(actor, deadline: float, setting: str = "cluster.call_timeout_s") -> None:
+    """Blocks until a (restarting) actor answers; Ray says "unavailable" while it restarts. ``setting``:
+    the config field the deadline comes from, named in the error."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError("rollout: a restarted rollout worker did not come back before the step's "
-                               "deadline (cluster.call_timeout_s)")
+            raise TimeoutError(f"a restarted rollout worker did not come back before its deadline ({setting})")
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=left)
             return

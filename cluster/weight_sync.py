@@ -208,7 +208,7 @@ class WeightSync(abc.ABC):
             ray.kill(worker, no_restart=False)
         deadline = time.monotonic() + self.cfg.cluster.startup_timeout_s
         for worker in [*hung, *dead]:
-            wait_until_alive(worker, deadline)
+            wait_until_alive(worker, deadline, "cluster.startup_timeout_s")
 
     def resync(self, worker) -> None:
         """The last pushed version to one restarted or added worker over RPC, parity-checked: from the kept
