@@ -35,7 +35,7 @@ log = logging.getLogger("evaluate")
 
 def parse_splits(split: str | None, splits: str | None) -> tuple[dict[str, str], str | None]:
     """{name: path} from --split PATH (named by its file) or --splits NAME=PATH,...; or an error line."""
-    pairs = [(Path(split).stem, split)] if split is not None else [
+    pairs = [(Path(split).resolve().stem or "split", split)] if split is not None else [
         tuple(item.split("=", 1)) if "=" in item else (item, "") for item in splits.split(",") if item]
     named = dict(pairs)
     if not named or len(named) != len(pairs) or any(not n or not p for n, p in pairs):
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     from config import load_config_or_exit
     cfg = load_config_or_exit(args.config, args.overrides)
     splits, error = parse_splits(args.split, args.splits)
+    if error is None and args.limit is not None and args.limit < 0:
+        error = f"--limit: must be 0 or more, got {args.limit}"
     if error is None and args.samples < 1:
         error = f"--samples: must be at least 1, got {args.samples}"
     if error is None and args.samples > 1 and args.vote == "majority" and args.protocol == "segzero":

@@ -4,8 +4,8 @@ one prediction made from them.
 - ``agreement``: the answer whose mask agrees most with the others' (the highest mean IoU with the other
   K - 1 masks; an answer that does not parse has an empty mask; ties: the earliest) is the prediction: its
   mask, its reward, its box.
-- ``majority``: that same answer gives the reward, the box and the overlay; the mask is the pixel vote of
-  the K masks: a pixel is predicted when more than half of the K masks hold it.
+- ``majority``: that same answer gives the reward, the box and the reasoning shown; the mask (measured and
+  drawn) is the pixel vote of the K masks: a pixel is predicted when more than half of them hold it.
 
 K = 1 is not a vote: the protocol is then the greedy one (one answer at temperature 0).
 """

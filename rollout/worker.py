@@ -45,7 +45,11 @@ class RolloutWorker:
         self._warned_truncation = False
         r = cfg.rollout
         on_gpu = torch.cuda.is_available()
-        # Must be set before vLLM reads it (engine construction).
+        # Must be set before vLLM reads it (engine construction); an engine built earlier in this process
+        # left vLLM's environment cache on, which would keep the earlier engine's value.
+        from vllm import envs
+
+        envs.disable_envs_cache()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if r.engine_in_process else "1"
         # vLLM's RPC carries tensors only within one process; otherwise buckets travel as bytes.
         self._tensors_by_reference = r.engine_in_process and r.tensor_parallel_size == 1

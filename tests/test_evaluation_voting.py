@@ -44,6 +44,7 @@ def test_agreement_picks_the_answer_closest_to_the_others():
     (["--splits", "a={split},a={split}"], "distinct names"),
     (["--splits", "a={split},b=/nonexistent.parquet"], "not found: /nonexistent.parquet"),
     (["--split", "{split}", "--samples", "0"], "--samples: must be at least 1"),
+    (["--split", "{split}", "--limit", "-1"], "--limit: must be 0 or more"),
     (["--split", "{split}", "--samples", "2", "--protocol", "segzero"], "needs --protocol default"),
 ])
 def test_bad_arguments_stop_with_one_line(args, message, synthetic_split, capsys):

@@ -1,8 +1,8 @@
 """RolloutWorker on a real vLLM CPU engine with the tiny Qwen2.5-VL, checked against transformers.
 
-One engine serves the whole module, once per ``rollout.enforce_eager`` setting (eager, and vLLM's compiled
-CPU path). Tests run in file order and the later ones change the engine's weights: initial-weight checks
-come first, the last test restores them.
+One engine serves the whole module, once per way of running it (eager, compiled, in vLLM's own
+processes: the ``worker`` fixture). Tests run in file order and the later ones change the engine's
+weights: initial-weight checks come first, the last test restores them.
 
 Parity tolerance: LOGPROB_TOL = 2e-4 on |log p_vLLM - log p_transformers|, both fp32. Measured on
 these machines: <= 2e-6 on the initial weights and after pushing N(0, 0.05)-perturbed weights
@@ -40,10 +40,12 @@ def policy_dir(tmp_path_factory):
     return str(build_tiny_policy(tmp_path_factory.mktemp("tiny_policy"), image_size=IMAGE_SIZE))
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["eager", "compiled"])
+@pytest.fixture(scope="module", params=[(True, True), (False, True), (True, False)],
+                ids=["eager", "compiled", "processes"])
 def worker(policy_dir, request):
-    """The engine both ways of rollout.enforce_eager: every test here holds for vLLM's compiled CPU path too
-    (weights loaded into a compiled model included)."""
+    """The engine three ways: eager in this process (the CPU default), compiled (rollout.enforce_eager=false:
+    vLLM's torch.compile path, weights loaded into a compiled model included), and in vLLM's own processes
+    (rollout.engine_in_process=false, as on a GPU: weights cross as safetensors bytes)."""
     from rollout.worker import RolloutWorker
 
     threads = torch.get_num_threads()
@@ -52,8 +54,10 @@ def worker(policy_dir, request):
     cfg.model.image_size = IMAGE_SIZE
     cfg.rollout.max_model_len = 1024
     cfg.rollout.kv_cache_gib = 0.5
-    cfg.rollout.enforce_eager = request.param
+    cfg.rollout.enforce_eager, cfg.rollout.engine_in_process = request.param
     w = RolloutWorker(cfg, policy_dir, seed=0)
+    # the engine runs where the setting says (after the in-process engines of this module)
+    assert ("Inproc" in type(w.llm.llm_engine.engine_core).__name__) == cfg.rollout.engine_in_process
     yield w
     del w
     gc.collect()

@@ -1,10 +1,11 @@
 """The engine's side, inside vLLM's worker: methods ``llm.collective_rpc("name", ...)`` calls by name.
 
-vLLM mixes this class into its worker (CPUWorker, Worker) when the engine is built with
-``worker_extension_cls="weight_sync.vllm_receiver.WeightSyncExtension"``: ``self.get_model()`` and
-``self.vllm_config`` are vLLM's. Names must not collide with the worker's own (vLLM asserts it), hence
-``begin_weight_load``/``end_weight_load``, not vLLM's ``start/finish_weight_update``. One update is a
-vLLM "layerwise reload" session (the contract's update session):
+vLLM mixes this class into its worker (CPUWorker, Worker) when the engine is built with it as
+``worker_extension_cls`` (the rollout engine's subclass ``rollout.vllm_extension.RolloutExtension``):
+``self.get_model()`` and ``self.vllm_config`` are vLLM's. Names must not collide with the worker's own
+(vLLM asserts it), hence ``begin_weight_load``/``end_weight_load``, not vLLM's
+``start/finish_weight_update``. One update is a vLLM "layerwise reload" session (the contract's update
+session):
 
     begin_weight_load()          every layer's weights move aside; loaders buffer
     load_weights(bucket) x N     a layer is rebuilt in its original storage once all its tensors arrived
