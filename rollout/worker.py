@@ -45,8 +45,8 @@ class RolloutWorker:
         self._warned_truncation = False
         r = cfg.rollout
         on_gpu = torch.cuda.is_available()
-        # Must be set before vLLM reads it (engine construction); an engine built earlier in this process
-        # left vLLM's environment cache on, which would keep the earlier engine's value.
+        # Must be set before vLLM reads it (engine construction); should an engine built earlier in this
+        # process have left vLLM's environment cache on, it would keep that engine's value.
         from vllm import envs
 
         envs.disable_envs_cache()
