@@ -75,9 +75,20 @@ class DataConfig(Section):
     train_path: Optional[str] = Field(
         None, description="Parquet file or directory of training rows (schema in README). Empty: "
         "generate the synthetic shapes dataset into `train.output_dir/data`.")
-    eval_path: Optional[str] = Field(None, description="Parquet of held-out rows for evaluation. Empty: synthetic.")
+    val_path: Optional[str] = Field(
+        None, description="Parquet of the validation split: everything that selects (eval.keep_best's best policy) "
+        "reads it and nothing reports it (val/* metrics). Empty: synthetic when the training rows are.")
+    eval_path: Optional[str] = Field(
+        None, description="Parquet of the test split: reported (eval/* metrics), never used to select. Empty: "
+        "synthetic when the training rows are.")
+    ood_path: Optional[str] = Field(
+        None, description="Parquet of an out-of-distribution split, reported (ood/* metrics). Empty: synthetic when "
+        "the training rows are (scenes with more shapes than training shows, two more than synthetic_shapes' max "
+        "as the grid allows, and the query kind 'the triangle' added).")
     synthetic_train_size: int = Field(512, ge=1, description="Synthetic dataset: number of training rows.")
-    synthetic_eval_size: int = Field(64, ge=1, description="Synthetic dataset: number of held-out rows.")
+    synthetic_eval_size: int = Field(
+        64, ge=1, description="Synthetic dataset: rows of each held-out split (val, test, OOD). The three never ask "
+        "a training row's query about its target mask (data/splits.py).")
     synthetic_seed: int = Field(0, description="Synthetic dataset: generator seed (same seed, same bytes).")
     synthetic_barcodes: Literal["off", "objects", "all"] = Field(
         "objects", description="Synthetic dataset: write a 14-px patch's position into its top two pixel rows "
@@ -275,13 +286,15 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every_n_steps: int = Field(
-        0, ge=0, description="Evaluate on the held-out split every N GRPO steps (0: only before GRPO and at the end).")
-    num_samples: int = Field(32, ge=1, description="Held-out samples per evaluation (the first N rows of the split).")
+        0, ge=0, description="Evaluate on the held-out splits (val, test, OOD) every N GRPO steps (0: only before "
+        "GRPO and at the end).")
+    num_samples: int = Field(32, ge=1, description="Rows of each held-out split per evaluation (its first N).")
     overlays: int = Field(4, ge=0, description="Overlay pictures logged to MLflow per evaluation.")
     enabled: bool = Field(True, description="Run evaluations during training at all.")
     keep_best: bool = Field(
-        True, description="Export the policy of the evaluation with the highest held-out gIoU (segzero convention; "
-        "the warm start's included) to train.output_dir/best_policy, with its step and score in best.json.")
+        True, description="Export the policy of the evaluation with the highest validation gIoU (data.val_path; "
+        "segzero convention; the warm start's included) to train.output_dir/best_policy, with its step, its val "
+        "score and its test and OOD scores in best.json.")
 
 
 class ResourcesConfig(Section):
@@ -414,6 +427,13 @@ class Config(Section):
             self.data.resolve_synthetic(self.reward.rules)
         except ValueError as exc:
             raise ValueError(f"data.{exc}") from None
+        d = self.data
+        if d.train_path and self.eval.enabled and not (d.val_path or d.eval_path or d.ood_path):
+            raise ValueError("data.eval_path: evaluations need a held-out split besides a given data.train_path "
+                             "(data.val_path, data.eval_path or data.ood_path), or eval.enabled=false")
+        if d.train_path and self.eval.enabled and self.eval.keep_best and not d.val_path:
+            raise ValueError("data.val_path: eval.keep_best selects the best policy on the validation split; set "
+                             "data.val_path (never the test split) or eval.keep_best=false")
         if self.rollout.weight_sync == "collective" and \
                 (self.cluster.learner.num_gpus > 0) != (self.cluster.rollout.num_gpus > 0):
             raise ValueError("rollout.weight_sync: collective needs the learner and the rollout workers on the same "

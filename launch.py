@@ -158,9 +158,12 @@ def finish(job, state) -> None:
         if state.best is not None:
             mlflow.log_artifacts(str(job.best_dir), artifact_path="best_policy")
     if state.best is not None:
-        mlflow.log_metrics({"best/step": state.best["step"], "best/giou": state.best["giou"]}, step=state.step)
-        log.info("best policy: step %d, held-out gIoU %.4f +- %.4f (%s)", state.best["step"], state.best["giou"],
-                 state.best["giou_se"], job.best_dir)
+        b = state.best
+        reported = {f"best/{key}": b[key] for key in ("eval_giou", "ood_giou") if key in b}
+        mlflow.log_metrics({"best/step": b["step"], "best/giou": b["giou"], **reported}, step=state.step)
+        score = lambda key: f"{b[key]:.4f}" if key in b else "-"  # noqa: E731
+        log.info("best policy (selected on the validation split): step %d, val gIoU %.4f +- %.4f, test %s, OOD %s "
+                 "(%s)", b["step"], b["giou"], b["giou_se"], score("eval_giou"), score("ood_giou"), job.best_dir)
 
 
 def warm_start(job, state) -> None:

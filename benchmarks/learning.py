@@ -3,12 +3,14 @@ or with overrides), and optionally the SFT baseline of each seed, and prints the
 
     python benchmarks/learning.py --seeds 10-17 [--parallel 2] [--sft-baseline] [--out runs/learning] [overrides ...]
 
-Per seed: held-out gIoU (segzero convention, greedy answers, GrabCut masks) with its standard error
-after the warm start (step 0), at its best evaluation and after the last GRPO step, and the held-out
-reward. ``--sft-baseline``: the same seed's warm start given the GRPO phase's wall time as extra
-supervised steps instead (extra steps = GRPO wall time / warm-start step time, measured in the seed's
-own GRPO run), one GRPO step, scored at step 0: what the same compute buys without RL. Runs already in
---out are read, not rerun. Prints numbers only; nothing is asserted.
+Per seed, on the test split (eval/*) and the OOD split (ood/*): gIoU (segzero convention, greedy
+answers, GrabCut masks) with its standard error after the warm start (step 0), after the last GRPO step,
+and of the policy selected on the validation split (the first evaluation with the highest val/* gIoU:
+selection never sees the reported splits); then per split the paired differences over seeds (GRPO -
+warm start, GRPO - SFT) with their 95% confidence intervals. ``--sft-baseline``: the same seed's warm
+start given the GRPO phase's wall time as extra supervised steps instead (extra steps = GRPO wall time /
+warm-start step time, measured in the seed's own GRPO run), one GRPO step, scored at step 0: what the
+same compute buys without RL. Runs already in --out are read, not rerun. Prints numbers only; nothing is asserted.
 """
 from __future__ import annotations
 
@@ -89,40 +91,63 @@ def main(argv=None) -> int:
         with ThreadPoolExecutor(args.parallel) as pool:
             sft = dict(zip(seeds, pool.map(baseline, seeds)))
 
-    rows, gains, finals, bests, baselines = [], [], [], [], []
+    # Per seed and reported split (test = eval/*, OOD = ood/*): warm start, SFT with the same wall time,
+    # GRPO's last evaluation, and GRPO's policy selected on the validation split (its test/OOD numbers).
+    columns = {"warm": [], "sft": [], "final": [], "best_on_val": []}
+    table = {split: {k: [] for k in columns} for split in ("eval", "ood")}
+    rows = []
     for seed in seeds:
         h = history(grpo[seed])
-        g, se, reward = h["eval/giou_segzero"], h.get("eval/giou_segzero_se", {}), h["eval/reward"]
-        first, last = min(g), max(g)
-        best = max(g, key=g.get)
-        gains.append(g[last] - g[first])
-        finals.append(g[last])
-        bests.append(g[best])
-        cell = lambda step: f"{g[step]:.3f} +- {se.get(step, float('nan')):.3f}"  # noqa: E731
-        sft_cell = ""
-        if sft:
-            s = history(sft[seed])
-            baselines.append(s['eval/giou_segzero'][0])
-            sft_cell = f" | {baselines[-1]:.3f} +- {s['eval/giou_segzero_se'][0]:.3f}"
-        rows.append(f"| {seed} | {cell(first)} | {cell(last)} ({g[last] - g[first]:+.3f}) | {cell(best)} "
-                    f"at step {best} "
-                    f"| {reward[first]:.2f} -> {reward[last]:.2f}{sft_cell} |")
-    head = "| seed | warm start (step 0) | after GRPO (gain) | best evaluation | held-out reward |"
-    if sft:
-        head += " SFT baseline, same wall time |"
+        val = h["val/giou_segzero"]
+        first, last, best = min(val), max(val), max(val, key=val.get)  # the first step of the highest val gIoU
+        cells = [str(seed), str(best)]
+        for split, cols in table.items():
+            g, se = h[f"{split}/giou_segzero"], h.get(f"{split}/giou_segzero_se", {})
+            cols["warm"].append(g[first])
+            cols["final"].append(g[last])
+            cols["best_on_val"].append(g[best])
+            picked = [(g[first], se.get(first)), (g[last], se.get(last)), (g[best], se.get(best))]
+            if sft:
+                s_ = history(sft[seed])
+                cols["sft"].append(s_[f"{split}/giou_segzero"][0])
+                picked.insert(1, (cols["sft"][-1], s_.get(f"{split}/giou_segzero_se", {}).get(0)))
+            cells += [f"{v:.3f} +- {e if e is not None else float('nan'):.3f}" for v, e in picked]
+        rows.append("| " + " | ".join(cells) + " |")
+    names = ["warm start", *(["SFT, same wall time"] if sft else []), "GRPO final", "GRPO best on val"]
+    head = "| seed | best step (val) | " + " | ".join(f"{split} {n}" for split in ("test", "OOD") for n in names) + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     print("\n".join(rows))
     n = len(seeds)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    sd = lambda v: (sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")  # noqa: E731
-    print(f"\n{n} seeds: gain {mean(gains):+.3f} +- {sd(gains):.3f} (sd over seeds), min {min(gains):+.3f}; "
-          f"final gIoU {mean(finals):.3f}, best {mean(bests):.3f}; seeds with gain >= 0.10: "
-          f"{sum(x >= 0.10 for x in gains)}/{n}")
-    if baselines:
-        print(f"SFT baseline gIoU {mean(baselines):.3f}; GRPO's final above it on "
-              f"{sum(f > b for f, b in zip(finals, baselines))}/{n} seeds")
+    print(f"\n{n} seeds, mean gIoU (a paired difference: mean, 95% confidence interval over seeds)")
+    for split, cols in table.items():
+        label = "test" if split == "eval" else "OOD"
+        print(f"{label}: " + ", ".join(f"{k} {mean(v):.3f}" for k, v in cols.items() if v))
+        pairs = [("GRPO final - warm start", cols["final"], cols["warm"])]
+        if sft:
+            pairs += [("GRPO final - SFT", cols["final"], cols["sft"]),
+                      ("GRPO best on val - SFT", cols["best_on_val"], cols["sft"])]
+        for name, a, b in pairs:
+            diff = [x - y for x, y in zip(a, b)]
+            low, high = confidence_interval(diff)
+            print(f"  {label} {name}: {mean(diff):+.3f} [{low:+.3f}, {high:+.3f}], above 0 on "
+                  f"{sum(d > 0 for d in diff)}/{n} seeds")
     return 0
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean (nan for fewer than two values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    m, se = mean(values), stats.sem(values)
+    half = se * stats.t.ppf((1 + level) / 2, len(values) - 1)
+    return m - half, m + half
 
 
 if __name__ == "__main__":

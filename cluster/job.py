@@ -30,7 +30,7 @@ from cluster.state import TrainState
 from cluster.topology import format_topology
 from config import REPO, Config
 from data.dataset import ParquetSource, Sample
-from data.prepare import held_out_samples, prepare_data
+from data.prepare import held_out_samples, log_shared_content, prepare_data
 from policy.family import pixels_per_unit
 from policy.prepare import prepare_policy, reference_tokenizer
 from policy.prompt import chat_prompt
@@ -73,7 +73,8 @@ def runtime_env() -> dict:
 
 
 def parity_probe(sample: Sample, policy_path: str, cfg: Config) -> dict:
-    """The fixed sequence of the post-sync parity check: a held-out prompt and its reference answer."""
+    """The fixed sequence of the post-sync parity check: a prompt and its reference answer (the training
+    file's first row)."""
     size, rules, coordinates = cfg.model.image_size, cfg.reward.rules, cfg.reward.coordinates
     answer = sample.reference_answer(size, rules, pixels_per_unit(coordinates, size))
     image, ids = sample.model_image(size), reference_tokenizer(policy_path)(answer)
@@ -87,7 +88,7 @@ class Job:
     out: Path
     policy_path: str
     data: ParquetSource
-    eval_samples: list[Sample]
+    eval_samples: dict[str, list[Sample]]  # held-out split (val, eval = test, ood) -> its evaluated rows
     learners: LearnerGroup
     rollouts: RolloutGroup
     reward_pool: RewardPool
@@ -119,8 +120,9 @@ class Job:
         policy_path = prepare_policy(cfg)
         for warning in check_plan(cfg, policy_path).warnings:  # stops here when the job cannot run
             log.warning("plan: %s (python -m cluster.plan prints the whole plan)", warning)
-        train_path, eval_path = prepare_data(cfg)
-        eval_samples = held_out_samples(eval_path, cfg.eval.num_samples)
+        train_path, held_out = prepare_data(cfg)
+        log_shared_content(train_path, held_out)
+        eval_samples = {role: held_out_samples(path, cfg.eval.num_samples) for role, path in held_out.items()}
         data = ParquetSource(train_path, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
 
         where = connect(cfg)
@@ -129,7 +131,8 @@ class Job:
         learners = LearnerGroup(cfg, policy_path)
         reward_pool = RewardPool(cfg.reward, cfg.cluster.reward_workers, cfg.cluster.reward.model_dump(),
                                  cfg.cluster.call_timeout_s, startup_timeout_s=cfg.cluster.startup_timeout_s)
-        probe = parity_probe(eval_samples[0], policy_path, cfg) if cfg.cluster.sync_parity_check else None
+        probe = parity_probe(held_out_samples(train_path, 1)[0], policy_path, cfg) if cfg.cluster.sync_parity_check \
+            else None
         rollouts = RolloutGroup(cfg, policy_path, reward_pool, cfg.cluster.rollout_workers, probe)
         t0 = time.perf_counter()
         learners.ready()
@@ -201,16 +204,22 @@ class Job:
             return None
         return None if saved is None else best
 
-    def keep_if_best(self, best: dict | None, step: int, result: dict) -> dict | None:
-        """Exports the current policy to ``best_dir`` when this evaluation's held-out gIoU beats every
-        earlier one (eval.keep_best); returns the best evaluation so far."""
-        if not (self.cfg.eval.keep_best and result) or (best and result["giou_segzero"] <= best["giou"]):
+    def keep_if_best(self, best: dict | None, step: int, results: dict[str, dict]) -> dict | None:
+        """Exports the current policy to ``best_dir`` when this evaluation's validation gIoU beats every
+        earlier one (eval.keep_best); returns the best evaluation so far: its step, val gIoU (``giou``),
+        and the test (``eval_*``) and OOD (``ood_*``) gIoU of the same policy, reported, never compared."""
+        val = results.get("val")
+        if not (self.cfg.eval.keep_best and val) or (best and val["giou_segzero"] <= best["giou"]):
             return best
-        best = {"step": step, "giou": result["giou_segzero"], "giou_se": result["giou_segzero_se"], "rows": result["n"]}
+        best = {"step": step, "giou": val["giou_segzero"], "giou_se": val["giou_segzero_se"], "rows": val["n"]}
+        for role in ("eval", "ood"):
+            if results.get(role):
+                best.update({f"{role}_giou": results[role]["giou_segzero"],
+                             f"{role}_giou_se": results[role]["giou_segzero_se"]})
         (self.best_dir / "best.json").unlink(missing_ok=True)  # written last: an export cut short is not kept
         self.learners.export_hf(self.best_dir)
         (self.best_dir / "best.json").write_text(json.dumps(best, indent=2))
-        log.info("best policy so far: step %d, held-out gIoU %.4f -> %s", step, best["giou"], self.best_dir)
+        log.info("best policy so far: step %d, validation gIoU %.4f -> %s", step, best["giou"], self.best_dir)
         return best
 
     # -- learner recovery -------------------------------------------------------------------------

@@ -19,6 +19,10 @@ point = the centre of the largest inscribed circle) and ``mask`` as a list of RL
 Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
 bbox and points come from the mask (data/masks.py). The same seed gives the same bytes; row i depends
 only on (seed, i), so a larger n extends a smaller one and another seed gives a disjoint set.
+
+``split`` ("train", "val", "test") keeps only the queries whose content (query + target masks) belongs
+to that split (data/splits.py): rows of different splits never ask the same question about the same
+pixels, so a held-out split measures more than recall of training rows.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from data.masks import bbox_from_mask, encode_rle, points_from_mask
 from data.position_code import FREQUENCIES, draw_barcodes
 from data.schema import write_rows
 from data.segzero import multi_object_solution, reference_answer  # noqa: F401  (reference_answer: the warm start's)
+from data.splits import SPLIT_SHARES, content_key, content_split
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -134,6 +139,11 @@ def candidate_queries(shapes: list[dict], kinds) -> dict[str, list[dict]]:
     return unique
 
 
+def query_split(query: dict, shapes: list[dict]) -> str:
+    """The split of the row this query would make (its text and its targets' masks)."""
+    return content_split(content_key(query_text(query), [shapes[i]["rle"] for i in matching_shapes(query, shapes)]))
+
+
 BACKGROUNDS = ("plain", "gradient")
 BARCODES = ("off", "objects", "all")
 
@@ -183,7 +193,7 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
         mask = shape_mask(kind, cx, cy, half, image_size)
         image[mask] = COLOURS[colour]
         shapes.append({"shape": kind, "colour": colour, "row": row, "col": col, "mask": mask,
-                       "area": int(mask.sum())})
+                       "area": int(mask.sum()), "rle": encode_rle(mask)})
     if barcodes != "off":
         on_shapes = np.logical_or.reduce([s["mask"] for s in shapes]) if barcodes == "objects" else None
         draw_barcodes(image, FREQUENCIES, on_shapes)
@@ -193,7 +203,7 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
 def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
                   jitter: int = 0, size_range: tuple[int, int] = (6, 12), num_shapes: tuple[int, int] = (2, 4),
                   noise: float = 0.5, kinds=SINGLE_KINDS, background: str = "plain", barcodes: str = "off",
-                  multi_object: bool = False) -> dict:
+                  multi_object: bool = False, split: str | None = None) -> dict:
     """Row ``index`` of the synthetic set (DESIGN §4 schema plus ``reasoning`` and ``kind``).
 
     grid: cells per side (default image_size // 28, one cell per merged patch); jitter: max offset in
@@ -203,8 +213,11 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
     barcodes: "all" writes each patch's position into its top pixel rows (data/position_code.py),
     "objects" only into the patches a shape touches, "off" none; for the tiny policy, whose random vision
     tower cannot otherwise tell where a patch is; multi_object: the row names every target (``objects``,
-    ``mask`` a list of RLEs; box and points of the union), as multi-object kinds need.
+    ``mask`` a list of RLEs; box and points of the union), as multi-object kinds need; split: draw only
+    queries whose content belongs to that split (data/splits.py), None: any.
     """
+    if split is not None and split not in SPLIT_SHARES:
+        raise ValueError(f"split must be one of {tuple(SPLIT_SHARES)} or None, got {split!r}")
     if barcodes not in BARCODES:
         raise ValueError(f"barcodes must be one of {BARCODES}, got {barcodes!r}")
     if not multi_object and set(kinds) & set(MULTI_KINDS):
@@ -217,6 +230,9 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
         pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise, background,
                                      barcodes)
         candidates = candidate_queries(shapes, kinds)
+        if split is not None:
+            candidates = {k: kept for k, qs in candidates.items()
+                          if (kept := [q for q in qs if query_split(q, shapes) == split])}
         if candidates:
             break
     kind = sorted(candidates)[int(rng.integers(len(candidates)))]
@@ -228,11 +244,11 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
            "width": image_size, "problem": query_text(query), "source": "synthetic", "kind": kind}
     if not multi_object:
         target = targets[0]
-        return {**row, "mask": encode_rle(target["mask"]), "bbox": bbox_from_mask(target["mask"]),
+        return {**row, "mask": target["rle"], "bbox": bbox_from_mask(target["mask"]),
                 "points": points_from_mask(target["mask"]), "reasoning": f"{target['colour']} {target['shape']}"}
     union = np.logical_or.reduce([t["mask"] for t in targets])
     objects = [{"bbox_2d": bbox_from_mask(t["mask"]), "point_2d": points_from_mask(t["mask"])[0]} for t in targets]
-    return {**row, "mask": [encode_rle(t["mask"]) for t in targets], "bbox": bbox_from_mask(union),
+    return {**row, "mask": [t["rle"] for t in targets], "bbox": bbox_from_mask(union),
             "points": points_from_mask(union), "objects": multi_object_solution(objects),
             "reasoning": " ".join(f"{t['colour']} {t['shape']}" for t in targets)}
 

@@ -3,15 +3,18 @@
 Reads the metric history back from MLflow (so a resumed run plots its whole history) and draws two
 panels: left, the mean training reward of each term per GRPO step (reward/*, the G answers of every
 prompt of the step) and the held-out reward of the greedy answers (eval/reward); right, the held-out
-gIoU (with a band of +- one standard error) and cIoU (eval/*, greedy answers, mask IoU), box IoU and
-parse-failure rate, at the steps where evaluation ran (step 0 = after the warm start).
+gIoU (with a band of +- one standard error) and cIoU of the test split (eval/*, greedy answers, mask
+IoU), its box IoU and parse-failure rate, and the validation and OOD splits' gIoU (val/*, ood/*), at
+the steps where evaluation ran (step 0 = after the warm start).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 REWARD_PREFIX, HELD_OUT_REWARD = "reward/", "eval/reward"
-EVAL_KEYS = ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou", "eval/parse_failure_rate")
+EVAL_KEYS = ("eval/giou_segzero", "eval/ciou_segzero", "eval/box_iou", "eval/parse_failure_rate", "val/giou_segzero",
+             "ood/giou_segzero")
+LABELS = {"val/giou_segzero": "val gIoU (selects)", "ood/giou_segzero": "OOD gIoU"}
 GIOU_SE = "eval/giou_segzero_se"
 
 
@@ -48,7 +51,7 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
-            line, = right.plot(steps, values, marker="o", label=key.split("/", 1)[1],
+            line, = right.plot(steps, values, marker="o", label=LABELS.get(key, key.split("/", 1)[1]),
                                **(dict(color="grey", linestyle=":") if key == "eval/parse_failure_rate" else {}))
             se = dict(history.get(GIOU_SE, ()))
             if key == "eval/giou_segzero" and se:  # +- one standard error of the held-out mean

@@ -68,20 +68,24 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path, launch):
         assert sorted(metric(name)) == list(range(1, STEPS + 1)), name
     assert list(metric("weight_version").values()) == [2.0 + s for s in range(1, STEPS + 1)]  # 2 warm-start steps
     assert list(metric("rollout/staleness").values()) == [0.0] + [1.0] * (STEPS - 1)  # one-step off-policy
-    assert sorted(metric("eval/giou_segzero")) == [0, 2, STEPS]
+    for split in ("val", "eval", "ood"):  # every held-out split at every evaluation
+        assert sorted(metric(f"{split}/giou_segzero")) == [0, 2, STEPS], split
     # After every sync vLLM served the learner's weights: same logprobs on the probe (fp32: ~1e-6).
     assert max(metric("sync/parity_max_diff").values()) < 1e-3
     assert (full / "final_policy" / "config.json").exists()
     # A checkpoint every step, the newest train.keep_checkpoints kept.
     kept = sorted(p.name for p in (full / "checkpoints" / run.info.run_id).glob("step_*"))
     assert kept == [f"step_{s:06d}" for s in range(STEPS - 2, STEPS + 1)], kept
-    # The best held-out evaluation's policy is kept beside it (step 0 = the warm start counts too): the
-    # first evaluation with the highest gIoU, and its weights (the warm-started ones when that is step 0).
+    # The best evaluation's policy on the validation split is kept beside it (step 0 = the warm start
+    # counts too): the first evaluation with the highest val gIoU, its weights (the warm-started ones when
+    # that is step 0), and the test and OOD gIoU of that step beside it.
     best = json.loads((full / "best_policy" / "best.json").read_text())
-    giou = metric("eval/giou_segzero")
+    giou = metric("val/giou_segzero")
     assert 0 < max(giou.values()) and len(set(giou.values())) > 1, giou  # a real choice between evaluations
     assert (best["step"] == min(s for s, v in giou.items() if v == max(giou.values()))
             and best["giou"] == giou[best["step"]])
+    assert (best["eval_giou"], best["ood_giou"]) == (metric("eval/giou_segzero")[best["step"]],
+                                                     metric("ood/giou_segzero")[best["step"]])
     assert (full / "best_policy" / "config.json").exists() and metric("best/step")[STEPS] == best["step"]
     kept, warm = (load_file(full / name / "model.safetensors") for name in ("best_policy", "warm_start_policy"))
     assert all(torch.equal(kept[k], warm[k]) for k in kept) == (best["step"] == 0)
@@ -95,7 +99,7 @@ def test_full_run_then_kill_and_resume_reproduces_it(tmp_path, launch):
     # process changes the numerics of later engines).
     code = "import sys; from tests.test_launch import assert_export_serves_same_logprobs as check; check(*sys.argv[1:])"
     check = subprocess.run([sys.executable, "-c", code, str(full / "final_policy"),
-                            str(full / "data" / "eval.parquet")],
+                            str(full / "data" / "test.parquet")],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr[-3000:]
 

@@ -80,10 +80,11 @@ def test_going_back_to_a_checkpoint_keeps_only_its_own_best_policy(tmp_path):
 
 
 @pytest.mark.parametrize("keep_best", [True, False])
-def test_the_best_policy_is_the_first_evaluation_with_the_highest_giou(tmp_path, keep_best):
-    """Evaluations whose best is neither the first nor the last, with a later tie: the policy exported as
-    best is the middle one's, exported only when an evaluation beats every earlier one; none with
-    eval.keep_best off."""
+def test_the_best_policy_is_the_first_evaluation_with_the_highest_validation_giou(tmp_path, keep_best):
+    """Evaluations whose best on val is neither the first nor the last, with a later tie, and whose test
+    and OOD splits would pick other steps: the policy exported as best is the middle one's (selected on
+    val only, its test and OOD scores reported with it), exported only when an evaluation beats every
+    earlier one; none with eval.keep_best off."""
     import json
 
     exports = []
@@ -95,10 +96,14 @@ def test_the_best_policy_is_the_first_evaluation_with_the_highest_giou(tmp_path,
     job = SimpleNamespace(cfg=load_config(None, [f"eval.keep_best={str(keep_best).lower()}"]),
                           best_dir=tmp_path / "best_policy", learners=SimpleNamespace(export_hf=export_hf))
     best = None
-    for step, giou in [(0, 0.30), (2, 0.50), (4, 0.40), (6, 0.50), (8, 0.10)]:
-        best = Job.keep_if_best(job, best, step, {"giou_segzero": giou, "giou_segzero_se": 0.01, "n": 8})
+    split = lambda giou: {"giou_segzero": giou, "giou_segzero_se": 0.01, "n": 8}  # noqa: E731
+    for step, val, test, ood in [(0, 0.30, 0.3, 0.2), (2, 0.50, 0.4, 0.3), (4, 0.40, 0.9, 0.1), (6, 0.50, 0.5, 0.8),
+                                 (8, 0.10, 0.6, 0.9)]:
+        best = Job.keep_if_best(job, best, step, {"val": split(val), "eval": split(test), "ood": split(ood)})
+    assert Job.keep_if_best(job, best, 10, {"eval": split(1.0)}) == best  # no val result: nothing selected
     if keep_best:
-        assert best == {"step": 2, "giou": 0.50, "giou_se": 0.01, "rows": 8} and exports == [0, 2]
+        assert best == {"step": 2, "giou": 0.50, "giou_se": 0.01, "rows": 8, "eval_giou": 0.4, "eval_giou_se": 0.01,
+                        "ood_giou": 0.3, "ood_giou_se": 0.01} and exports == [0, 2]
         assert json.loads((tmp_path / "best_policy" / "best.json").read_text()) == best
     else:
         assert best is None and exports == [] and not (tmp_path / "best_policy").exists()
