@@ -4,6 +4,7 @@
     python -m data.convert visionreasoner --in DIR_OR_FILE --out OUT.parquet [--split train] [--coord-size 840]
     python -m data.convert reasonseg      --in ReasonSeg   --out OUT.parquet --split val [--first-query]
     python -m data.convert refcocog       --in refcocog    --out OUT.parquet --split val --images train2014 [--per ref]
+    python -m data.convert refcoco        --in refcoco     --out OUT.parquet --split testA   (refcoco+ alike)
 
 segzero / visionreasoner read the released Hugging Face sets (``*.parquet`` as downloaded, or ``*.arrow``
 written by ``save_to_disk``): training rows ``id, problem, solution, image, img_height, img_width``
@@ -109,26 +110,32 @@ def convert_reasonseg(src, out, split=None, first_query=False) -> Path:
     return write_rows(out, tqdm(rows, desc="convert ReasonSeg", unit="row"), extra=("ignore_mask", "is_sentence"))
 
 
-def convert_refcocog(src, out, split, images=None, per="sentence", refs_file="refs(umd).p") -> Path:
+# refer's refs pickle of each dataset: UMD's split for RefCOCOg, UNC's (val, testA, testB) for RefCOCO/+
+REFS_FILES = {"refcocog": "refs(umd).p", "refcoco": "refs(unc).p", "refcoco+": "refs(unc).p"}
+
+
+def convert_refcocog(src, out, split, images=None, per="sentence", refs_file=None, name="refcocog") -> Path:
+    """RefCOCOg, RefCOCO or RefCOCO+ (``name``; one layout, data/refcocog.py)."""
     from data.refcocog import refcocog_rows
     images = Path(images) if images else Path(src).parent / "images" / "mscoco" / "images" / "train2014"
-    rows = refcocog_rows(src, images, split, per, refs_file)
-    return write_rows(out, tqdm(rows, desc=f"convert RefCOCOg {split}", unit="row"))
+    rows = refcocog_rows(src, images, split, per, refs_file or REFS_FILES[name], name)
+    return write_rows(out, tqdm(rows, desc=f"convert {name} {split}", unit="row"))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", choices=["segzero", "visionreasoner", "reasonseg", "refcocog"])
+    p.add_argument("dataset", choices=["segzero", "visionreasoner", "reasonseg", *REFS_FILES])
     p.add_argument("--in", dest="src", required=True, help="input file or directory")
     p.add_argument("--out", required=True, help="output .parquet")
-    p.add_argument("--split", help="train/val/test (required for refcocog)")
+    p.add_argument("--split", help="train/val/test (required for refcocog; refcoco/refcoco+: val/testA/testB)")
     p.add_argument("--coord-size", type=int, default=SEGZERO_COORD_SIZE,
                    help="segzero/visionreasoner: side of the square space the solutions' coordinates live in")
     p.add_argument("--first-query", action="store_true", help="reasonseg: only text[0] of each image (Seg-Zero)")
-    p.add_argument("--images", help="refcocog: COCO train2014 image folder (default: LISA layout next to --in)")
+    p.add_argument("--images", help="refcoco*: COCO train2014 image folder (default: LISA layout next to --in)")
     p.add_argument("--per", choices=["sentence", "ref"], default="sentence",
-                   help="refcocog: one row per sentence, or per ref with its first sentence")
-    p.add_argument("--refs", default="refs(umd).p", help="refcocog: refs pickle inside --in")
+                   help="refcoco*: one row per sentence, or per ref with its first sentence")
+    p.add_argument("--refs", help="refcoco*: refs pickle inside --in (default: refs(umd).p for refcocog, "
+                   "refs(unc).p for refcoco and refcoco+)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.dataset in ("segzero", "visionreasoner"):
@@ -137,8 +144,8 @@ def main(argv=None) -> None:
         out = convert_reasonseg(args.src, args.out, args.split, args.first_query)
     else:
         if not args.split:
-            p.error("refcocog needs --split train|val|test")
-        out = convert_refcocog(args.src, args.out, args.split, args.images, args.per, args.refs)
+            p.error(f"{args.dataset} needs --split (train|val|test, or testA|testB for refcoco and refcoco+)")
+        out = convert_refcocog(args.src, args.out, args.split, args.images, args.per, args.refs, args.dataset)
     print(f"wrote {pq.ParquetFile(out).metadata.num_rows} rows to {out}")
 
 

@@ -1,12 +1,12 @@
-"""RefCOCOg (refer's on-disk layout) -> dataset rows.
+"""RefCOCOg, RefCOCO and RefCOCO+ (refer's on-disk layout, one per dataset) -> dataset rows.
 
 Layout (as LISA expects it): ``refcocog/instances.json`` (COCO: images, annotations with polygon or RLE
-``segmentation``) and ``refcocog/refs(umd).p`` (a pickled list of refs: ``ref_id, ann_id, image_id,
-split, sentences: [{"raw", "sent", "sent_id"}]``), images in a COCO ``train2014`` folder. Masks are
-rasterised by pycocotools (COCO's convention). One row per referring sentence (``id`` =
-``refcocog-REF-SENT``; the usual evaluation protocol), or with ``per="ref"`` one row per ref with its
-first sentence (``refcocog-REF``; how Seg-Zero built its training set). Queries are the ``raw``
-sentences, stripped.
+``segmentation``) and ``refcocog/refs(umd).p`` (RefCOCO and RefCOCO+: ``refs(unc).p``; a pickled list of
+refs: ``ref_id, ann_id, image_id, split, sentences: [{"raw", "sent", "sent_id"}]``), images in a COCO
+``train2014`` folder. Masks are rasterised by pycocotools (COCO's convention). One row per referring
+sentence (``id`` = ``NAME-REF-SENT``, NAME the dataset's; the usual evaluation protocol), or with
+``per="ref"`` one row per ref with its first sentence (``NAME-REF``; how Seg-Zero built its training
+set). Queries are the ``raw`` sentences, stripped.
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def load_refs(path: Path) -> list[dict]:
 
 
 def refcocog_rows(root: str | Path, images: str | Path, split: str, per: str = "sentence",
-                  refs_file: str = "refs(umd).p") -> Iterator[dict]:
-    """Rows of one split (train/val/test). Missing images and empty masks are skipped (logged)."""
+                  refs_file: str = "refs(umd).p", name: str = "refcocog") -> Iterator[dict]:
+    """Rows of one split (train/val/test; RefCOCO/+: val/testA/testB) of dataset ``name`` (ids and
+    ``source``). Missing images and empty masks are skipped (logged)."""
     root, images = Path(root), Path(images)
     coco = json.loads((root / "instances.json").read_text())
     image_info = {im["id"]: im for im in coco["images"]}
@@ -66,10 +67,10 @@ def refcocog_rows(root: str | Path, images: str | Path, split: str, per: str = "
             log.warning("skipping ref %s: %s", ref.get("ref_id"), exc)
             continue
         common = {"image": data, "height": h, "width": w, "mask": encode_rle(mask), "bbox": bbox_from_mask(mask),
-                  "points": points_from_mask(mask), "source": "refcocog"}
+                  "points": points_from_mask(mask), "source": name}
         sentences = [s for s in ref["sentences"] if s.get("raw", "").strip()]
         if per == "ref":
             sentences = sentences[:1]
         for s in sentences:
-            row_id = f"refcocog-{ref['ref_id']}" if per == "ref" else f"refcocog-{ref['ref_id']}-{s['sent_id']}"
+            row_id = f"{name}-{ref['ref_id']}" if per == "ref" else f"{name}-{ref['ref_id']}-{s['sent_id']}"
             yield {"id": row_id, "problem": s["raw"].strip(), **common}

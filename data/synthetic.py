@@ -170,14 +170,12 @@ def background_pixels(kind: str, image_size: int, grey: int) -> np.ndarray:
 
 
 def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int,
-               size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float,
-               background: str = "plain", barcodes: str = "off"):
-    """Draws one image; returns (RGB uint8 array, shapes with their masks)."""
+               size_range: tuple[int, int], num_shapes: tuple[int, int], noise: float) -> dict:
+    """Draws one scene's layout: its background grey, whether it is noisy, and its shapes with their
+    exact masks (``draw_scene`` paints it, once the scene is kept)."""
     cell = image_size / grid
     grey = int(rng.integers(200, 246))  # drawn for every background so the rest of the stream is shared
-    image = background_pixels(background, image_size, grey)
-    if rng.random() < noise:
-        image += rng.normal(0.0, 6.0, size=image.shape)
+    noisy = bool(rng.random() < noise)
     n = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
     cells = rng.choice(grid * grid, size=n, replace=False)
     shapes = []
@@ -191,13 +189,24 @@ def make_scene(rng: np.random.Generator, image_size: int, grid: int, jitter: int
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         mask = shape_mask(kind, cx, cy, half, image_size)
-        image[mask] = COLOURS[colour]
         shapes.append({"shape": kind, "colour": colour, "row": row, "col": col, "mask": mask,
                        "area": int(mask.sum()), "rle": encode_rle(mask)})
+    return {"grey": grey, "noisy": noisy, "shapes": shapes}
+
+
+def draw_scene(scene: dict, image_size: int, background: str, barcodes: str,
+               noise_rng: np.random.Generator) -> np.ndarray:
+    """The scene's RGB uint8 image: background, Gaussian noise (std 6, from its own stream, so a
+    rejected scene costs no noise), the shapes, the barcodes."""
+    image = background_pixels(background, image_size, scene["grey"])
+    if scene["noisy"]:
+        image += noise_rng.normal(0.0, 6.0, size=image.shape)
+    for shape in scene["shapes"]:
+        image[shape["mask"]] = COLOURS[shape["colour"]]
     if barcodes != "off":
-        on_shapes = np.logical_or.reduce([s["mask"] for s in shapes]) if barcodes == "objects" else None
+        on_shapes = np.logical_or.reduce([s["mask"] for s in scene["shapes"]]) if barcodes == "objects" else None
         draw_barcodes(image, FREQUENCIES, on_shapes)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), shapes
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int | None = None,
@@ -226,17 +235,21 @@ def synthetic_row(index: int, image_size: int = 112, seed: int = 0, *, grid: int
     if grid * grid < num_shapes[1]:
         raise ValueError(f"a {grid}x{grid} grid cannot hold {num_shapes[1]} shapes")
     rng = np.random.default_rng([seed, index])
-    while True:  # resample the scene until some allowed query is unambiguous (almost always the first)
-        pixels, shapes = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise, background,
-                                     barcodes)
+    # Resample the scene until some allowed query is unambiguous (almost always the first), and, with a
+    # split, until the query drawn belongs to it (~1.25 tries for train, ~10 for val and test): rejecting
+    # whole (scene, query) draws keeps a split's rows distributed as the generator's, restricted to the
+    # split's contents (filtering a scene's queries instead would favour scenes with more of them).
+    while True:
+        scene = make_scene(rng, image_size, grid, jitter, size_range, num_shapes, noise)
+        shapes = scene["shapes"]
         candidates = candidate_queries(shapes, kinds)
-        if split is not None:
-            candidates = {k: kept for k, qs in candidates.items()
-                          if (kept := [q for q in qs if query_split(q, shapes) == split])}
-        if candidates:
+        if not candidates:
+            continue
+        kind = sorted(candidates)[int(rng.integers(len(candidates)))]
+        query = candidates[kind][int(rng.integers(len(candidates[kind])))]
+        if split is None or query_split(query, shapes) == split:
             break
-    kind = sorted(candidates)[int(rng.integers(len(candidates)))]
-    query = candidates[kind][int(rng.integers(len(candidates[kind])))]
+    pixels = draw_scene(scene, image_size, background, barcodes, np.random.default_rng([seed, index, 1]))
     targets = [shapes[i] for i in matching_shapes(query, shapes)]
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")

@@ -88,19 +88,25 @@ def test_released_evaluation_rows_with_bool_masks(tmp_path):
     assert row["bbox"] == [2, 3, 9, 7] and row["points"] == [[4, 5], [7, 5]]   # see test_refcocog
 
 
-def test_reasonseg_lisa_layout(tmp_path):
+def write_reasonseg(tmp_path, h=16, w=20):
+    """A ReasonSeg folder in LISA's layout with a val split of two images (one without a target)."""
     val = tmp_path / "ReasonSeg" / "val"
     val.mkdir(parents=True)
-    h, w = 16, 20
     (val / "img1.jpg").write_bytes(encoded(w, h, "JPEG"))
     (val / "img1.json").write_text(json.dumps({
         "text": ["what would you sit on?", "the chair"], "is_sentence": True,
         "shapes": [{"label": "target", "points": [[2, 3], [10, 3], [10, 8], [2, 8]]},
-                   {"label": "ignore", "points": [[0, 0], [19, 0], [19, 15], [0, 15]]},  # larger: painted first
+                   {"label": "ignore", "points": [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]},  # painted first
                    {"label": "flag", "points": [[0, 0], [5, 0], [5, 5]]}]}))
     (val / "img2.jpg").write_bytes(encoded(w, h, "JPEG"))
     (val / "img2.json").write_text(json.dumps({"text": ["nothing"], "is_sentence": False,
                                                "shapes": [{"label": "ignore", "points": [[0, 0], [4, 0], [4, 4]]}]}))
+    return val
+
+
+def test_reasonseg_lisa_layout(tmp_path):
+    h, w = 16, 20
+    val = write_reasonseg(tmp_path, h, w)
     out = tmp_path / "reasonseg.parquet"
     convert(["reasonseg", "--in", str(tmp_path / "ReasonSeg"), "--split", "val", "--out", str(out)])
     got = rows_of(out)
@@ -122,11 +128,12 @@ def test_reasonseg_lisa_layout(tmp_path):
     assert s.ignore_rle is not None
 
 
-def write_refcocog(tmp_path):
-    root, images = (tmp_path / "refer_seg" / "refcocog",
+def write_refcocog(tmp_path, name="refcocog", refs_file="refs(umd).p", split="val"):
+    """refer's layout for one dataset (RefCOCOg, RefCOCO, RefCOCO+): two refs of ``split``, one of train."""
+    root, images = (tmp_path / "refer_seg" / name,
                     tmp_path / "refer_seg" / "images" / "mscoco" / "images" / "train2014")
     root.mkdir(parents=True)
-    images.mkdir(parents=True)
+    images.mkdir(parents=True, exist_ok=True)
     (images / "COCO_train2014_000000000001.jpg").write_bytes(encoded(14, 12, "JPEG"))
     crowd = rect(12, 14, 0, 0, 3, 1)
     runs = encode_rle(crowd)
@@ -137,14 +144,14 @@ def write_refcocog(tmp_path):
                             {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": uncompressed},
                             {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": runs}]}
     (root / "instances.json").write_text(json.dumps(coco))
-    refs = [{"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "val", "category_id": 1,
+    refs = [{"ref_id": 1, "ann_id": 10, "image_id": 1, "split": split, "category_id": 1,
              "sentences": [{"raw": "the grey block.", "sent": "the grey block", "sent_id": 100},
                            {"raw": "a rectangle", "sent": "a rectangle", "sent_id": 101}]},
-            {"ref_id": 2, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1,
+            {"ref_id": 2, "ann_id": 11, "image_id": 1, "split": split, "category_id": 1,
              "sentences": [{"raw": "top left strip", "sent": "top left strip", "sent_id": 102}]},
             {"ref_id": 3, "ann_id": 12, "image_id": 1, "split": "train", "category_id": 1,
              "sentences": [{"raw": "strip", "sent": "strip", "sent_id": 103}]}]
-    with open(root / "refs(umd).p", "wb") as f:
+    with open(root / refs_file, "wb") as f:
         pickle.dump(refs, f, protocol=2)
     return root, crowd
 
@@ -183,6 +190,21 @@ def test_refcocog(tmp_path):
     assert np.array_equal(decode_rle(rows_of(per_ref)["refcocog-3"]["mask"]), crowd)  # compressed RLE
     src = ParquetSource(out)
     assert len(src.next_batch(3)) == 3 and not src.skipped
+
+
+@pytest.mark.parametrize("name", ["refcoco", "refcoco+"])
+def test_refcoco_and_refcoco_plus_read_unc_refs(tmp_path, name):
+    """RefCOCO and RefCOCO+ share RefCOCOg's layout with UNC's refs file and testA/testB splits; their rows
+    are named by their dataset."""
+    root, _ = write_refcocog(tmp_path, name, "refs(unc).p", "testA")
+    out = tmp_path / f"{name}.parquet"
+    convert([name, "--in", str(root), "--split", "testA", "--out", str(out)])
+    got = rows_of(out)
+    assert set(got) == {f"{name}-1-100", f"{name}-1-101", f"{name}-2-102"}
+    assert {r["source"] for r in got.values()} == {name}
+    assert np.array_equal(decode_rle(got[f"{name}-1-100"]["mask"]), rect(12, 14, 2, 3, 9, 7))
+    with pytest.raises(FileNotFoundError):  # not RefCOCOg's refs file
+        convert([name, "--in", str(root), "--split", "testA", "--out", str(out), "--refs", "refs(umd).p"])
 
 
 def test_refs_pickle_with_code_is_refused(tmp_path):

@@ -57,25 +57,40 @@ def test_bad_arguments_stop_with_one_line(args, message, synthetic_split, capsys
 
 @pytest.mark.slow
 def test_evaluate_several_splits_with_voting(tmp_path, synthetic_split, memorised_policy):
-    """--splits names two splits, --samples 4 --vote agreement: each split is reported under its name, with
-    its decoding settings, and the memorised sample is still segmented well from sampled answers."""
+    """--splits names two synthetic splits and the papers' benchmarks as data.convert writes them (fixtures
+    of ReasonSeg val, RefCOCO testA, RefCOCO+ testA, RefCOCOg val), --samples 4 --vote agreement: each
+    split is reported under its name, with its decoding settings, and the memorised sample is still
+    segmented well from sampled answers."""
+    from data.convert import main as convert
+    from tests.test_data_convert import write_reasonseg, write_refcocog
+
+    converted = {"reasonseg_val": ["reasonseg", "--in", str(write_reasonseg(tmp_path / "rs"))]}
+    for name, refs, split in (("refcoco", "refs(unc).p", "testA"), ("refcoco+", "refs(unc).p", "testA"),
+                              ("refcocog", "refs(umd).p", "val")):
+        root, _ = write_refcocog(tmp_path / name, name, refs, split)
+        converted[f"{name}_{split}"] = [name, "--in", str(root), "--split", split]
+    for name, args in converted.items():
+        convert([*args, "--out", str(tmp_path / f"{name}.parquet")])
+    benchmarks = ",".join(f"{name}={tmp_path / name}.parquet" for name in converted)
     policy, _ = memorised_policy
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "evaluate.py", "--splits", f"val={synthetic_split},test={synthetic_split}",
+        [sys.executable, "evaluate.py", "--splits", f"val={synthetic_split},test={synthetic_split},{benchmarks}",
          "--checkpoint", str(policy), "--out", str(out), "--limit", "2", "--overlays", "1", "--samples", "4",
          "--vote", "agreement", f"train.output_dir={tmp_path}", "rollout.max_new_tokens=96"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val: checkpoint policy" in proc.stdout and "test: checkpoint policy" in proc.stdout
     results = json.loads((out / "eval.json").read_text())
-    assert set(results) == {"val", "test"}
+    assert set(results) == {"val", "test", *converted}
     for split, per_policy in results.items():
         (result,) = per_policy.values()
-        assert result["split_name"] == split and result["n"] == 2
+        assert result["split_name"] == split and result["n"] == 2 and 0 <= result["giou_segzero"] <= 1
         assert result["decoding"] == {"greedy": False, "temperature": 0.5, "max_new_tokens": 96, "samples": 4,
                                       "vote": "agreement", "prompts_per_batch": 8, "seed": 0}
-        assert result["samples"][0]["parsed"] and result["samples"][0]["iou"] > 0.5
+    for split in ("val", "test"):
+        assert results[split]["checkpoint"]["samples"][0]["parsed"]
+        assert results[split]["checkpoint"]["samples"][0]["iou"] > 0.5
     # the same rows, the same seeds: both splits give the same numbers
     assert results["val"]["checkpoint"]["giou_segzero"] == results["test"]["checkpoint"]["giou_segzero"]
     # each split logged to MLflow under its name, with the decoding settings
@@ -83,5 +98,5 @@ def test_evaluate_several_splits_with_voting(tmp_path, synthetic_split, memorise
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("seg-grpo-eval").experiment_id])
-    assert sorted(r.data.params["split"] for r in runs) == ["test", "val"]
+    assert sorted(r.data.params["split"] for r in runs) == sorted(["test", "val", *converted])
     assert {r.data.params["decoding.vote"] for r in runs} == {"agreement"}
