@@ -83,8 +83,8 @@ class DataConfig(Section):
         "synthetic when the training rows are.")
     ood_path: Optional[str] = Field(
         None, description="Parquet of an out-of-distribution split, reported (ood/* metrics). Empty: synthetic when "
-        "the training rows are (scenes with more shapes than training shows, two more than synthetic_shapes' max "
-        "as the grid allows, and the query kind 'the triangle' added).")
+        "the training rows are: one or two shapes more per image than synthetic_shapes' max (as the grid allows), "
+        "and the query kind 'shape' ('the triangle') beside synthetic_kinds.")
     synthetic_train_size: int = Field(512, ge=1, description="Synthetic dataset: number of training rows.")
     synthetic_eval_size: int = Field(
         64, ge=1, description="Synthetic dataset: rows of each held-out split (val, test, OOD). The three never ask "

@@ -51,7 +51,7 @@ def plot_learning_curve(history: dict[str, list[tuple[int, float]]], path: str |
     for key in EVAL_KEYS:
         if history.get(key):
             steps, values = zip(*history[key])
-            line, = right.plot(steps, values, marker="o", label=LABELS.get(key, key.split("/", 1)[1]),
+            line, = right.plot(steps, values, marker="o", label=LABELS.get(key, "test " + key.split("/", 1)[1]),
                                **(dict(color="grey", linestyle=":") if key == "eval/parse_failure_rate" else {}))
             se = dict(history.get(GIOU_SE, ()))
             if key == "eval/giou_segzero" and se:  # +- one standard error of the held-out mean
