@@ -1,23 +1,23 @@
-"""It learns: GRPO improves the held-out answers over the warm start (the default run, seed 0).
+"""It learns: GRPO improves the test split's answers over the warm start (the default run, seed 0).
 
 Everything real (launch.py: vLLM rollouts, the reward pool, the DeepSpeed learner, weight sync). The run
 is the embedded default with seed 0, evaluated only after the warm start and at the end (greedy answers
-on the 1,024 held-out rows, standard error of gIoU ~0.014). It is deterministic (seeded data order,
-seeded vLLM sampling; tests/test_launch.py checks that a resumed run reproduces every reward), so the
-margins are set against what the default gives on a 2-core x86-64 machine, with room for another
-machine's float rounding. Over the README's eight seeds (20-27, with the intermediate evaluations),
-warm start -> after 70 GRPO steps:
-- held-out gIoU (segzero convention): gains +0.13 to +0.44, mean +0.31. The test asks for >= GIOU_GAIN
-  = 0.10, below the smallest of them by more than two standard errors of a paired gain.
-- held-out reward (the training reward of the greedy answers, 0..13 with the mask-IoU term weighted
-  8): gains +0.98 to +3.89. The test asks for >= HELD_OUT_REWARD_GAIN = 0.65. Greedy answers are
-  deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the loss or the
-  advantages makes the reward fall.
-The seed this test runs, 0 (the default run, with its intermediate evaluations, which do not change
-the training; a 2-core x86-64 machine): held-out gIoU 0.368 +- 0.013 -> 0.683 +- 0.010 (+0.315), held-out
-reward 6.38 -> 8.95 (+2.57), parse failures 0.3% -> 0%; both margins are passed by more than three times.
-With the learner's advantages zeroed (no GRPO signal) the same run ends at gIoU 0.383, reward 6.56: both
-assertions fail. The evaluation itself must be fine enough for GIOU_GAIN to mean something: two combined
+on 1,024 rows of each held-out split, standard error of gIoU ~0.011). The assertions read the test
+split (eval/*), whose contents no training row asks about and on which nothing is selected; the best
+policy is chosen on the validation split (val/*). The run is deterministic (seeded data order, seeded
+vLLM sampling; tests/test_launch.py checks that a resumed run reproduces every reward), so the margins
+are set against what the default gives on a 2-core x86-64 machine, with room for another machine's
+float rounding. Over the README's six seeds (0, 30-34, with the intermediate evaluation), warm start ->
+after 70 GRPO steps:
+- test gIoU (segzero convention): gains +0.18 to +0.36, mean +0.25. The test asks for >= GIOU_GAIN =
+  0.10, below the smallest of them by more than two standard errors of a paired gain.
+- test reward (the training reward of the greedy answers, 0..13 with the mask-IoU term weighted 8):
+  gains +1.16 to +3.22; seed 0's +1.51. The test asks for >= HELD_OUT_REWARD_GAIN = 0.65. Greedy
+  answers are deterministic, so weights that never reach vLLM give exactly 0, and a sign error in the
+  loss or the advantages makes the reward fall.
+The seed this test runs, 0 (the default run; a 2-core x86-64 machine): test gIoU 0.561 +- 0.011 ->
+0.745 +- 0.010 (+0.184), test reward 9.05 -> 10.56 (+1.51), parse failures 1.1% -> 0%; OOD gIoU 0.340 ->
+0.513. The evaluation itself must be fine enough for GIOU_GAIN to mean something: two combined
 standard errors of the two evaluations (~0.03) stay below it (asserted).
 The training reward (4 prompts a step) is not asserted to rise: its first-10 and last-10 step means
 differ by the prompts drawn as much as by the policy.
