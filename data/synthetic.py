@@ -20,9 +20,9 @@ Masks are exact (drawn from the same pixel test as the image, no anti-aliasing);
 bbox and points come from the mask (data/masks.py). The same seed gives the same bytes; row i depends
 only on (seed, i), so a larger n extends a smaller one and another seed gives a disjoint set.
 
-``split`` ("train", "val", "test") keeps only the queries whose content (query + target masks) belongs
-to that split (data/splits.py): rows of different splits never ask the same question about the same
-pixels, so a held-out split measures more than recall of training rows.
+``split`` ("train", "val", "test") keeps only rows whose content (query + target masks) belongs to that
+split (data/splits.py), rejecting whole (scene, query) draws: rows of different splits never ask the
+same question about the same pixels, so a held-out split measures more than recall of training rows.
 """
 from __future__ import annotations
 
